@@ -1,0 +1,78 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_hasync_global_optspecs
+    string join \n c/config= v/verbose q/quiet json no-progress h/help V/version
+end
+
+function __fish_hasync_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_hasync_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_hasync_using_subcommand
+    set -l cmd (__fish_hasync_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c hasync -n "__fish_hasync_needs_command" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_needs_command" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_needs_command" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_needs_command" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_needs_command" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c hasync -n "__fish_hasync_needs_command" -s V -l version -d 'Print version'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "init" -d 'Write an annotated configuration file to start from (never overwrites)'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "doctor" -d 'Check every node: SSH, host key, root, agent, service, database, state dir'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "completions" -d 'Print a shell completion script on stdout'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "man" -d 'Write the man pages into a directory'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "agent" -d 'The remote side of a replication, started by hasync over SSH'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand init" -l stdout -d 'Print the template on stdout instead of writing the config file'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_using_subcommand init" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand man" -l out-dir -d 'Where to write hasync.1 and one page per subcommand' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand man" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand man" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_using_subcommand man" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_using_subcommand man" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_using_subcommand man" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_using_subcommand man" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -l version -d 'Print the agent\'s version and protocol line and exit'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -s v -l verbose -d 'More detail on stderr (repeat for more)'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -l no-progress -d 'No progress bars, even on a terminal'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "init" -d 'Write an annotated configuration file to start from (never overwrites)'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "doctor" -d 'Check every node: SSH, host key, root, agent, service, database, state dir'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "completions" -d 'Print a shell completion script on stdout'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "man" -d 'Write the man pages into a directory'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "agent" -d 'The remote side of a replication, started by hasync over SSH'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor completions man agent help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

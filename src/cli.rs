@@ -1,0 +1,121 @@
+//! The command line, as clap sees it. Nothing here runs anything: `main`
+//! turns these types into calls on the library's engines, which never see
+//! clap. Man pages and completions are generated from this definition.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Keep a warm standby of a document-management server.
+///
+/// hasync replicates an application's file tree and database (MySQL/MariaDB or
+/// PostgreSQL) from the primary node to a standby over SSH, keeps the standby
+/// read-only, and swaps the roles when the primary dies. Start with `hasync
+/// init` to write an annotated configuration, then `hasync doctor` to check
+/// both nodes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hasync",
+    version,
+    propagate_version = false,
+    max_term_width = 100
+)]
+#[command(after_long_help = crate::exit::help_text())]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The configuration file.
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "HASYNC_CONFIG",
+        default_value = hasync::config::DEFAULT_CONFIG_PATH
+    )]
+    pub config: PathBuf,
+    /// More detail on stderr (repeat for more).
+    #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Less on stderr: only warnings and errors (repeat for errors only).
+    #[arg(short = 'q', long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+    /// Print data as JSON on stdout (for scripts and monitoring).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars, even on a terminal.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write an annotated configuration file to start from (never overwrites).
+    Init(InitArgs),
+    /// Check every node: SSH, host key, root, agent, service, database, state dir.
+    ///
+    /// Prints a checklist per node and exits 4 if anything a replication cycle
+    /// needs is missing, with what to do about it.
+    Doctor,
+    /// Print a shell completion script on stdout.
+    Completions(CompletionsArgs),
+    /// Write the man pages into a directory.
+    Man(ManArgs),
+    /// The remote side of a replication, started by hasync over SSH.
+    #[command(hide = true)]
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Print the template on stdout instead of writing the config file.
+    #[arg(long)]
+    pub stdout: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Where to write hasync.1 and one page per subcommand.
+    #[arg(long, value_name = "DIR", default_value = "man")]
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Print the agent's version and protocol line and exit.
+    #[arg(long = "version")]
+    pub print_version: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_defaults_to_etc() {
+        // HASYNC_CONFIG may be set in a developer's shell; only check when unset.
+        if std::env::var_os("HASYNC_CONFIG").is_none() {
+            let cli = Cli::try_parse_from(["hasync", "doctor"]).unwrap();
+            assert_eq!(cli.global.config, PathBuf::from("/etc/hasync/hasync.toml"));
+        }
+    }
+}

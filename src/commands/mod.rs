@@ -1,0 +1,43 @@
+//! One file per subcommand. Each takes the parsed CLI, calls the library, and
+//! prints; none holds logic an engine should own.
+
+mod agent;
+mod docs;
+mod doctor;
+mod init;
+
+use anyhow::Result;
+use hasync::config::{Config, ConfigErrors};
+
+use crate::cli::{Cli, Command};
+use crate::exit::Exit;
+use crate::output::Log;
+
+pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
+    match &cli.command {
+        Command::Init(args) => init::run(cli, args, log),
+        Command::Doctor => doctor::run(cli, log),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args, log),
+        Command::Agent(args) => agent::run(args),
+    }
+}
+
+/// The exit code an error maps to.
+pub fn classify(e: &anyhow::Error) -> Exit {
+    if e.downcast_ref::<ConfigErrors>().is_some() {
+        Exit::Config
+    } else {
+        Exit::Failure
+    }
+}
+
+/// Load and validate the config named on the command line, printing its
+/// warnings.
+pub fn load_config(cli: &Cli, log: &Log) -> Result<Config> {
+    let config = hasync::config::load(&cli.global.config)?;
+    for w in &config.warnings {
+        log.warn(w);
+    }
+    Ok(config)
+}

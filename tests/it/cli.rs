@@ -1,0 +1,204 @@
+//! The command line itself: help, exit codes, init, generated docs that must
+//! not drift, and the shipped templates.
+
+use std::path::{Path, PathBuf};
+
+use crate::cmd::hasync;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn help_lists_commands_and_exit_codes() {
+    let r = hasync().args(["--help"]).run();
+    r.code(0)
+        .stdout_has("doctor")
+        .stdout_has("init")
+        .stdout_has("Exit status:")
+        .stdout_has("130");
+    // The agent is for hasync itself, not for people.
+    assert!(
+        !r.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("agent ")),
+        "the hidden agent shows in --help:\n{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    hasync()
+        .args(["frobnicate"])
+        .run()
+        .code(2)
+        .stderr_has("frobnicate");
+}
+
+#[test]
+fn agent_reports_version_and_protocol() {
+    let r = hasync().args(["agent", "--version"]).run();
+    r.code(0);
+    let (v, p) =
+        hasync::version::parse_agent_version_line(r.stdout.trim()).expect("parsable version line");
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    assert_eq!(p, hasync::version::PROTOCOL);
+}
+
+#[test]
+fn agent_says_plainly_what_is_not_built() {
+    hasync()
+        .args(["agent"])
+        .run()
+        .code(1)
+        .stderr_has("not built yet");
+}
+
+#[test]
+fn init_writes_template_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("etc/hasync.toml");
+    hasync()
+        .config(&path)
+        .args(["init"])
+        .run()
+        .code(0)
+        .stderr_has("doctor");
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(written, hasync::config::TEMPLATE);
+    std::fs::write(&path, "# edited by the admin\n").unwrap();
+    hasync()
+        .config(&path)
+        .args(["init"])
+        .run()
+        .code(1)
+        .stderr_has("already exists");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "# edited by the admin\n"
+    );
+}
+
+#[test]
+fn missing_config_names_the_file_and_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.toml");
+    hasync()
+        .config(&path)
+        .args(["doctor"])
+        .run()
+        .code(3)
+        .stderr_has("nope.toml")
+        .stderr_has("init");
+}
+
+#[test]
+fn config_comes_from_env_when_no_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("from-env.toml");
+    hasync()
+        .env("HASYNC_CONFIG", &path.display().to_string())
+        .args(["doctor"])
+        .run()
+        .code(3)
+        .stderr_has("from-env.toml");
+}
+
+#[test]
+fn broken_pipe_is_not_an_error() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hasync"))
+        .args(["init", "--stdout"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before hasync writes
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn man_pages_match_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    hasync().args(["man", "--out-dir", &out]).run().code(0);
+    let fresh = files_in(dir.path());
+    let checked_in = files_in(&repo().join("man"));
+    assert_eq!(
+        fresh, checked_in,
+        "man/ drifted: run `cargo run -- man --out-dir man`"
+    );
+    for f in fresh {
+        let a = std::fs::read_to_string(dir.path().join(&f)).unwrap();
+        let b = std::fs::read_to_string(repo().join("man").join(&f)).unwrap();
+        assert!(
+            a == b,
+            "man/{f} drifted from the CLI: run `cargo run -- man --out-dir man`"
+        );
+    }
+    let main_page = std::fs::read_to_string(repo().join("man/hasync.1")).unwrap();
+    assert!(main_page.contains("EXIT STATUS") && main_page.contains("HASYNC_CONFIG"));
+}
+
+#[test]
+fn completions_match_the_cli() {
+    for (shell, file) in [
+        ("bash", "hasync.bash"),
+        ("zsh", "_hasync"),
+        ("fish", "hasync.fish"),
+    ] {
+        let r = hasync().args(["completions", shell]).run();
+        r.code(0);
+        let checked_in = std::fs::read_to_string(repo().join("completions").join(file))
+            .unwrap_or_else(|e| panic!("completions/{file}: {e}"));
+        assert!(
+            r.stdout == checked_in,
+            "completions/{file} drifted: run `cargo run -- completions {shell} > completions/{file}`"
+        );
+        assert!(r.stdout.contains("doctor"));
+    }
+}
+
+/// Every shipped template is parsed, so an example can never rot.
+#[test]
+fn every_template_parses() {
+    let dir = repo().join("templates");
+    let mut seen = 0;
+    for name in files_in(&dir) {
+        let path = dir.join(&name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        match Path::new(&name).extension().and_then(|e| e.to_str()) {
+            Some("toml") => {
+                // Local files it names (password file, hooks) exist only on a real install.
+                let cfg = hasync::config::parse_without_files(&path, &text)
+                    .unwrap_or_else(|e| panic!("templates/{name} does not parse:\n{e}"));
+                assert!(cfg.nodes.len() >= 2);
+                assert!(cfg.database.is_some() && cfg.schedule.is_some());
+            }
+            _ => panic!("templates/{name}: no test parses this kind of template; add one here"),
+        }
+        seen += 1;
+    }
+    assert!(seen >= 1);
+}

@@ -1,0 +1,268 @@
+//! `hasync init` + `hasync doctor` against the harness's two real nodes:
+//! green when everything is in place, red with a clear message and exit 4
+//! for each thing that can be wrong.
+
+use std::process::Command;
+
+use crate::cmd::hasync;
+use crate::harness::cluster;
+use crate::setup::{edit_toml, quoted, Setup};
+
+/// The newcomer's path: init writes the template, the user fills in the two
+/// nodes, doctor is all green. Run with `--nocapture` to see it (README).
+#[test]
+fn demo() {
+    let c = cluster();
+    let s = Setup::new("demo");
+    let path = s.dir.join("etc/hasync.toml");
+    hasync().config(&path).args(["init"]).run().code(0);
+    let template = std::fs::read_to_string(&path).unwrap();
+    let mut edits = vec![("cluster", "state_dir", quoted(&s.dir.join("state")))];
+    for (i, n) in c.nodes.iter().enumerate() {
+        let node = format!("nodes.{}", n.name);
+        let svc = format!("nodes.{}.service", n.name);
+        let db = format!("nodes.{}.database", n.name);
+        let owned: Vec<(String, &str, Option<String>)> = vec![
+            (node.clone(), "address", Some(format!("{:?}", n.ip))),
+            (node.clone(), "port", Some(n.sshd.port.to_string())),
+            (node.clone(), "identity_file", quoted(&c.identity_file)),
+            (node.clone(), "known_hosts", quoted(&c.known_hosts)),
+            (node.clone(), "root", quoted(&s.roots[i])),
+            (
+                node.clone(),
+                "agent_path",
+                Some(format!("{:?}", env!("CARGO_BIN_EXE_hasync"))),
+            ),
+            (svc.clone(), "stop", Some(format!("{:?}", n.app.stop_cmd()))),
+            (
+                svc.clone(),
+                "start",
+                Some(format!("{:?}", n.app.start_cmd())),
+            ),
+            (
+                svc.clone(),
+                "status",
+                Some(format!("{:?}", n.app.status_cmd())),
+            ),
+            (svc.clone(), "health_url", None),
+            (db.clone(), "port", Some(n.mariadb.port.to_string())),
+        ];
+        for (sec, key, val) in owned {
+            edits.push((Box::leak(sec.into_boxed_str()), key, val));
+        }
+    }
+    edits.push(("database", "password_file", quoted(&c.db_password_file)));
+    let text = edit_toml(&template, &edits);
+    std::fs::write(&path, &text).unwrap();
+    println!("--- {} ---\n{text}", path.display());
+
+    let r = hasync().config(&path).args(["doctor"]).run();
+    println!(
+        "$ hasync -c {} doctor\n{}{}",
+        path.display(),
+        r.stdout,
+        r.stderr
+    );
+    r.code(0).stdout_has("all checks passed");
+    for needle in [
+        "[ ok ] reachable",
+        "[ ok ] host key",
+        "[ ok ] auth",
+        "[ ok ] root",
+        "[ ok ] agent",
+        "[ ok ] database",
+        "[ ok ] state dir",
+        "[ ok ] dump tools",
+    ] {
+        assert_eq!(
+            r.stdout.matches(needle).count(),
+            2,
+            "{needle:?} not ok on both nodes:\n{}",
+            r.stdout
+        );
+    }
+    assert!(!r.stdout.contains("[FAIL]"));
+    // The password file's content never shows.
+    assert!(!r.stdout.contains(&c.db_password) && !r.stderr.contains(&c.db_password));
+}
+
+#[test]
+fn postgres_nodes_are_green_and_json_is_data() {
+    let mut s = Setup::new("doctor-pg");
+    s.engine = Some("postgres");
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor", "--json"]).run();
+    r.code(0);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("doctor --json prints JSON");
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    for n in nodes {
+        for check in n["checks"].as_array().unwrap() {
+            assert_eq!(check["status"], "ok", "{}: {check}", n["node"]);
+        }
+        let db = n["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "database")
+            .unwrap();
+        assert!(
+            db["detail"].as_str().unwrap().contains("PostgreSQL"),
+            "{db}"
+        );
+    }
+}
+
+/// The failing node's checklist, for assertions.
+fn node_section<'a>(stdout: &'a str, node: &str) -> &'a str {
+    let start = stdout
+        .find(&format!("\n{node} "))
+        .unwrap_or_else(|| panic!("no section for {node}:\n{stdout}"));
+    let rest = &stdout[start + 1..];
+    let end = rest.find("\n\n").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn unknown_host_key_is_refused_with_fingerprint_and_trust_command() {
+    let c = cluster();
+    let mut s = Setup::new("doctor-unknown-key");
+    // known_hosts that knows okm1 only.
+    let kh = s.dir.join("known_hosts");
+    std::fs::write(&kh, format!("{}\n", c.nodes[0].sshd.known_hosts_line())).unwrap();
+    s.known_hosts = kh;
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4).stdout_has("checks failed");
+    let okm2 = node_section(&r.stdout, "okm2");
+    assert!(okm2.contains("[FAIL] host key"), "{okm2}");
+    assert!(okm2.contains("SHA256:"), "{okm2}");
+    assert!(okm2.contains("ssh-keyscan"), "{okm2}");
+    assert!(okm2.contains("[skip] root"), "{okm2}");
+    // The fingerprint shown is the server's real one.
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(format!("{}.pub", c.nodes[1].sshd.host_key.display()))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap();
+    assert!(okm2.contains(fp), "fingerprint {fp} not shown:\n{okm2}");
+    assert!(node_section(&r.stdout, "okm1").contains("[ ok ] host key"));
+}
+
+#[test]
+fn changed_host_key_is_refused_loudly() {
+    let c = cluster();
+    let mut s = Setup::new("doctor-changed-key");
+    // okm2's entry carries some other server's key.
+    let other = s.dir.join("other_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let other_pub: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    let kh = s.dir.join("known_hosts");
+    std::fs::write(
+        &kh,
+        format!(
+            "{}\n[{}]:{} {}\n",
+            c.nodes[0].sshd.known_hosts_line(),
+            c.nodes[1].ip,
+            c.nodes[1].sshd.port,
+            other_pub.join(" ")
+        ),
+    )
+    .unwrap();
+    s.known_hosts = kh;
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4);
+    let okm2 = node_section(&r.stdout, "okm2");
+    assert!(okm2.contains("[FAIL] host key"), "{okm2}");
+    assert!(okm2.to_lowercase().contains("changed"), "{okm2}");
+    assert!(okm2.contains("ssh-keygen -R"), "{okm2}");
+}
+
+#[test]
+fn wrong_database_password_is_named() {
+    let c = cluster();
+    let mut s = Setup::new("doctor-bad-pw");
+    let pw = s.dir.join("wrong.secret");
+    crate::harness::write_file(&pw, "not-the-password\n", 0o600);
+    s.password_file = pw;
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4);
+    for node in ["okm1", "okm2"] {
+        let sec = node_section(&r.stdout, node);
+        assert!(sec.contains("[FAIL] database"), "{sec}");
+        assert!(sec.contains("refused the login of user \"okm\""), "{sec}");
+        assert!(sec.contains("password_file"), "{sec}");
+    }
+    assert!(!r.stdout.contains("not-the-password") && !r.stderr.contains("not-the-password"));
+    assert!(!r.stdout.contains(&c.db_password));
+}
+
+#[test]
+fn missing_root_is_named_with_the_fix() {
+    let mut s = Setup::new("doctor-no-root");
+    s.roots[1] = s.dir.join("does-not-exist");
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4);
+    let okm2 = node_section(&r.stdout, "okm2");
+    assert!(okm2.contains("[FAIL] root"), "{okm2}");
+    assert!(okm2.contains("does not exist"), "{okm2}");
+    assert!(okm2.contains("mkdir -p"), "{okm2}");
+    assert!(node_section(&r.stdout, "okm1").contains("[ ok ] root"));
+}
+
+#[test]
+fn unreachable_node_is_named_and_the_other_still_checked() {
+    let mut s = Setup::new("doctor-unreachable");
+    // Nothing listens there: the node is down.
+    s.ports[1] = crate::harness::free_port("127.0.0.3");
+    let path = s.write();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4);
+    let okm2 = node_section(&r.stdout, "okm2");
+    assert!(okm2.contains("[FAIL] reachable"), "{okm2}");
+    assert!(okm2.contains("cannot reach"), "{okm2}");
+    assert!(okm2.contains("[skip] database"), "{okm2}");
+    let okm1 = node_section(&r.stdout, "okm1");
+    assert!(okm1.contains("[ ok ] database"), "{okm1}");
+}
+
+#[test]
+fn stopped_sshd_makes_the_node_unreachable() {
+    let c = cluster();
+    let s = Setup::exclusive("doctor-sshd-down");
+    let path = s.write();
+    c.nodes[1].sshd.stop();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    c.nodes[1].sshd.start();
+    r.code(4);
+    assert!(
+        node_section(&r.stdout, "okm2").contains("[FAIL] reachable"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn missing_agent_says_how_to_install_it() {
+    let s = Setup::new("doctor-no-agent");
+    let path = s.write();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen(env!("CARGO_BIN_EXE_hasync"), "/nonexistent/hasync", 2);
+    std::fs::write(&path, text).unwrap();
+    let r = hasync().config(&path).args(["doctor"]).run();
+    r.code(4);
+    let okm1 = node_section(&r.stdout, "okm1");
+    assert!(okm1.contains("[FAIL] agent"), "{okm1}");
+    assert!(okm1.contains("install hasync"), "{okm1}");
+}

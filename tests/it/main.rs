@@ -1,0 +1,12 @@
+//! hasync's integration tests: one binary (one link, one shared cluster of
+//! real servers), run with `cargo test`. Every test drives the real `hasync`
+//! binary; `harness` starts real sshd, MariaDB and PostgreSQL servers once
+//! per run and removes them at exit.
+
+mod cli;
+mod cmd;
+mod config_errors;
+mod doctor;
+mod harness;
+mod harness_selftest;
+mod setup;
