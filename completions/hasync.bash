@@ -34,6 +34,9 @@ _hasync() {
             hasync,man)
                 cmd="hasync__subcmd__man"
                 ;;
+            hasync,sync)
+                cmd="hasync__subcmd__sync"
+                ;;
             hasync__subcmd__help,agent)
                 cmd="hasync__subcmd__help__subcmd__agent"
                 ;;
@@ -52,6 +55,9 @@ _hasync() {
             hasync__subcmd__help,man)
                 cmd="hasync__subcmd__help__subcmd__man"
                 ;;
+            hasync__subcmd__help,sync)
+                cmd="hasync__subcmd__help__subcmd__sync"
+                ;;
             *)
                 ;;
         esac
@@ -59,7 +65,7 @@ _hasync() {
 
     case "${cmd}" in
         hasync)
-            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor completions man agent help"
+            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -147,7 +153,7 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help)
-            opts="init doctor completions man agent help"
+            opts="init doctor sync completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -244,6 +250,20 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__help__subcmd__sync)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__init)
             opts="-c -v -q -h --stdout --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -274,6 +294,36 @@ _hasync() {
             fi
             case "${prev}" in
                 --out-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__sync)
+            opts="-n -c -v -q -h --files-only --db-only --dry-run --checksum --max-delete --to --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --max-delete)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --to)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

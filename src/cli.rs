@@ -63,6 +63,13 @@ pub enum Command {
     /// Prints a checklist per node and exits 4 if anything a replication cycle
     /// needs is missing, with what to do about it.
     Doctor,
+    /// Replicate the primary to its standbys (for now: the file tree, with --files-only).
+    ///
+    /// Makes each standby's root equal to the primary's, minus [files] exclude
+    /// patterns, with rsync-style delta transfers. Files are written to a
+    /// temporary name, verified by hash and renamed, so an interrupted run
+    /// never leaves a half-written file under a real name.
+    Sync(SyncArgs),
     /// Print a shell completion script on stdout.
     Completions(CompletionsArgs),
     /// Write the man pages into a directory.
@@ -77,6 +84,28 @@ pub struct InitArgs {
     /// Print the template on stdout instead of writing the config file.
     #[arg(long)]
     pub stdout: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Replicate only the file tree.
+    #[arg(long, conflicts_with = "db_only")]
+    pub files_only: bool,
+    /// Replicate only the database (not built yet).
+    #[arg(long)]
+    pub db_only: bool,
+    /// Show what would change (itemized, like rsync -n -i) and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Compare file contents by hash instead of size and modification time.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Allow this many deletions this time (overrides [files] max_delete).
+    #[arg(long, value_name = "N")]
+    pub max_delete: Option<u64>,
+    /// Only this standby (default: every standby).
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Args)]

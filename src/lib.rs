@@ -14,9 +14,11 @@
 //! Still to come (see the issues): `agent` and `sync` (file replication),
 //! `db` (database replication), `cycle`, `roles`, `report`.
 
+pub mod agent;
 pub mod config;
 pub mod db;
 pub mod doctor;
 pub mod schedule;
+pub mod sync;
 pub mod transport;
 pub mod version;

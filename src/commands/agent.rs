@@ -1,6 +1,6 @@
 //! `hasync agent`: the remote side of a replication, started over SSH.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::AgentArgs;
 use crate::exit::Exit;
@@ -11,8 +11,7 @@ pub fn run(args: &AgentArgs) -> Result<Exit> {
         output::stdout(&format!("{}\n", hasync::version::agent_version_line()));
         return Ok(Exit::Ok);
     }
-    bail!(
-        "the agent's file-transfer protocol is not built yet (hasync {}); only `hasync agent --version` works",
-        hasync::version::VERSION
-    )
+    // stdin/stdout carry the protocol; stderr reaches the caller's error messages.
+    hasync::agent::serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+    Ok(Exit::Ok)
 }

@@ -5,6 +5,7 @@ mod agent;
 mod docs;
 mod doctor;
 mod init;
+mod sync;
 
 use anyhow::Result;
 use hasync::config::{Config, ConfigErrors};
@@ -17,6 +18,7 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
     match &cli.command {
         Command::Init(args) => init::run(cli, args, log),
         Command::Doctor => doctor::run(cli, log),
+        Command::Sync(args) => sync::run(cli, args, log),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args, log),
         Command::Agent(args) => agent::run(args),

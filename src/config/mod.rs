@@ -234,50 +234,6 @@ pub fn expand_tilde(p: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Check an rsync-style exclude pattern for mistakes that would otherwise
-/// silently match nothing.
-pub fn check_exclude_pattern(p: &str) -> Result<(), String> {
-    if p.is_empty() || p == "/" {
-        return Err("an empty pattern matches nothing".into());
-    }
-    if p.contains('\0') || p.contains('\n') {
-        return Err("control characters are not allowed in a pattern".into());
-    }
-    let mut chars = p.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            // An escape takes the next character, whatever it is.
-            '\\' if chars.next().is_none() => {
-                return Err("a trailing `\\` escapes nothing".into());
-            }
-            '[' => {
-                // A class needs a closing `]`; `]` right after `[` or `[!` is literal.
-                if matches!(chars.peek(), Some('!') | Some('^')) {
-                    chars.next();
-                }
-                if chars.peek() == Some(&']') {
-                    chars.next();
-                }
-                let mut closed = false;
-                for c in chars.by_ref() {
-                    if c == ']' {
-                        closed = true;
-                        break;
-                    }
-                }
-                if !closed {
-                    return Err("`[` opens a character class that is never closed with `]`".into());
-                }
-            }
-            _ => {}
-        }
-    }
-    if p.contains("***") {
-        return Err("`***` is not a pattern rsync understands; use `**`".into());
-    }
-    Ok(())
-}
-
 /// A DB, table or role name hasync builds other names from (`okmdb__hasync_new`):
 /// plain identifiers only, so no quoting mistakes are possible.
 pub fn check_identifier(s: &str) -> Result<(), String> {
@@ -295,17 +251,6 @@ pub fn check_identifier(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exclude_patterns() {
-        assert!(check_exclude_pattern("/logs/").is_ok());
-        assert!(check_exclude_pattern("*.tmp").is_ok());
-        assert!(check_exclude_pattern("[]ab]").is_ok());
-        assert!(check_exclude_pattern("a/**/b").is_ok());
-        assert!(check_exclude_pattern("[abc").is_err());
-        assert!(check_exclude_pattern("").is_err());
-        assert!(check_exclude_pattern("foo\\").is_err());
-    }
 
     #[test]
     fn identifiers() {

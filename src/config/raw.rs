@@ -16,8 +16,7 @@ use toml::Spanned;
 use super::duration::parse_duration;
 use super::error::{did_you_mean, ConfigError, ConfigErrors};
 use super::{
-    check_exclude_pattern, check_identifier, expand_tilde, Config, Database, Engine, Files, Hooks,
-    Node, Role, Service,
+    check_identifier, expand_tilde, Config, Database, Engine, Files, Hooks, Node, Role, Service,
 };
 use crate::schedule::cron::CronSchedule;
 use crate::transport::{Address, Endpoint};
@@ -391,10 +390,11 @@ pub(super) fn parse(path: &Path, text: &str, check_files: bool) -> Result<Config
         Some(f) => {
             let mut exclude = Vec::new();
             for p in f.exclude.unwrap_or_default() {
-                if let Err(why) = check_exclude_pattern(p.get_ref()) {
+                // The compiler the sync itself uses, so the config and the run agree.
+                if let Err(e) = crate::sync::filter::Filter::new(&[p.get_ref()]) {
                     c.err(
                         p.span(),
-                        format!("bad exclude pattern {:?}: {why}", p.get_ref()),
+                        e.to_string(),
                         Some("see `man hasync` (EXCLUDE PATTERNS): rsync --exclude rules".into()),
                     );
                 }

@@ -409,17 +409,21 @@ impl HostKey {
 
 /// Everything that can go wrong reaching a node. Each message says what failed,
 /// on which node, and what to do about it.
+///
+/// The underlying I/O or libssh2 error is part of the message and kept in a
+/// field named `error`, deliberately not exposed as `source()`: hasync prints
+/// errors with their chain (`{:#}`), which would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error(
         "node {node}: cannot reach {addr} ({cause}); check that the host is up, sshd runs and \
          the address/port in the config are right",
-        cause = io_text(source),
+        cause = io_text(error),
     )]
     Unreachable {
         node: String,
         addr: String,
-        source: io::Error,
+        error: io::Error,
     },
 
     #[error(
@@ -474,12 +478,12 @@ pub enum TransportError {
         "node {node}: cannot read the known_hosts file {path} ({cause}); fix its permissions or \
          point known_hosts in the config at a readable file",
         path = .path.display(),
-        cause = io_text(source),
+        cause = io_text(error),
     )]
     KnownHostsUnreadable {
         node: String,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
 
     #[error(
@@ -517,18 +521,18 @@ pub enum TransportError {
         detail: String,
     },
 
-    #[error("node {node}: {context}: {msg}", msg = .source.message())]
+    #[error("node {node}: {context}: {msg}", msg = .error.message())]
     Ssh {
         node: String,
         context: String,
-        source: ssh2::Error,
+        error: ssh2::Error,
     },
 
-    #[error("node {node}: {context}: {cause}", cause = io_text(source))]
+    #[error("node {node}: {context}: {cause}", cause = io_text(error))]
     Io {
         node: String,
         context: String,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -550,11 +554,11 @@ impl TransportError {
         }
     }
 
-    pub(crate) fn io(node: &str, context: impl Into<String>, source: io::Error) -> TransportError {
+    pub(crate) fn io(node: &str, context: impl Into<String>, error: io::Error) -> TransportError {
         TransportError::Io {
             node: node.to_string(),
             context: context.into(),
-            source,
+            error,
         }
     }
 }
@@ -656,6 +660,22 @@ mod tests {
         assert!(msg.contains("ssh-keyscan -p 2222 -t ed25519 127.0.0.3 >> /root/.ssh/known_hosts"));
         assert!(msg.contains("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"));
         assert_eq!(err.node(), "okm2");
+    }
+
+    #[test]
+    fn causes_are_in_the_message_not_the_chain() {
+        use std::error::Error as _;
+        let err = TransportError::Unreachable {
+            node: "okm2".into(),
+            addr: "127.0.0.3:22".into(),
+            error: io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        assert_eq!(
+            err.to_string(),
+            "node okm2: cannot reach 127.0.0.3:22 (Connection refused); check that the host is \
+             up, sshd runs and the address/port in the config are right"
+        );
+        assert!(err.source().is_none());
     }
 
     #[test]

@@ -287,7 +287,7 @@ impl Shared {
         TransportError::Ssh {
             node: self.node.clone(),
             context: context.into(),
-            source: e,
+            error: e,
         }
     }
 
@@ -515,10 +515,10 @@ impl Shared {
     }
 
     fn tcp_connect(&self, addr: &str) -> Result<TcpStream, TransportError> {
-        let unreachable = |source| TransportError::Unreachable {
+        let unreachable = |error| TransportError::Unreachable {
             node: self.node.clone(),
             addr: addr.to_string(),
-            source,
+            error,
         };
         let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
             .to_socket_addrs()
@@ -543,10 +543,10 @@ impl Shared {
         match fs::read(&self.known_hosts) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(TransportError::KnownHostsUnreadable {
+            Err(error) => Err(TransportError::KnownHostsUnreadable {
                 node: self.node.clone(),
                 path: self.known_hosts.clone(),
-                source,
+                error,
             }),
         }
     }

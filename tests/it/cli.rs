@@ -47,12 +47,30 @@ fn agent_reports_version_and_protocol() {
 }
 
 #[test]
-fn agent_says_plainly_what_is_not_built() {
-    hasync()
-        .args(["agent"])
-        .run()
-        .code(1)
-        .stderr_has("not built yet");
+fn agent_refuses_garbage_on_its_input() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hasync"))
+        .arg("agent")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A length prefix of 1 GiB: over the frame limit.
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&(1u32 << 30).to_le_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exceeds the limit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

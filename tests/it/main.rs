@@ -7,6 +7,8 @@ mod cli;
 mod cmd;
 mod config_errors;
 mod doctor;
+mod filter_rsync;
 mod harness;
 mod harness_selftest;
 mod setup;
+mod sync;

@@ -24,6 +24,9 @@ pub struct Setup {
     pub ports: [u16; 2],
     pub roots: [PathBuf; 2],
     pub state_dirs: [PathBuf; 2],
+    /// `[files] exclude` and `max_delete`.
+    pub excludes: Vec<String>,
+    pub max_delete: Option<u64>,
     _guard: Guard,
 }
 
@@ -55,6 +58,8 @@ impl Setup {
             roots,
             state_dirs: [dir.join("okm1-state"), dir.join("okm2-state")],
             dir,
+            excludes: Vec::new(),
+            max_delete: None,
             _guard: guard,
         }
     }
@@ -103,6 +108,10 @@ timeout = "30s"
                 };
                 s.push_str(&format!("\n[nodes.{}.database]\nport = {port}\n", n.name));
             }
+        }
+        s.push_str(&format!("\n[files]\nexclude = {:?}\n", self.excludes));
+        if let Some(m) = self.max_delete {
+            s.push_str(&format!("max_delete = {m}\n"));
         }
         if let Some(engine) = self.engine {
             s.push_str(&format!(

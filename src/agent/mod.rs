@@ -1,0 +1,546 @@
+//! `hasync agent`: the far side of a file replication, like `rsync --server`.
+//!
+//! hasync starts it over an SSH exec channel (or in a thread, for a local
+//! node) and talks to it with the framed protocol of [`wire`]. The same agent
+//! serves both directions: on the primary it scans and reads files and
+//! computes deltas; on the standby it scans, computes signatures, and applies
+//! creates, deltas and deletes atomically under its root. Everything the peer
+//! names is checked by [`fsroot`]: no path escapes the root, not even through
+//! a symlinked directory.
+
+pub mod fsroot;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::sync::delta;
+use crate::sync::filter::Filter;
+use crate::version;
+use fsroot::{FsError, Root, TempFile};
+use wire::{Msg, WireError, CHUNK};
+
+/// Why an agent session ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("protocol error: {0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("i/o error on the connection: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The largest signature the agent buffers for one delta request (a
+/// signature is well under 1% of its file; this allows files of terabytes).
+const MAX_SIGNATURE: usize = 512 << 20;
+
+/// A file being written: its temp file, fed directly or through a delta
+/// applier, and what it must hash to.
+enum Writing {
+    Whole {
+        id: u64,
+        temp: TempFile,
+        hasher: blake3::Hasher,
+        size: u64,
+        attrs: wire::Attrs,
+    },
+    Delta {
+        id: u64,
+        applier: delta::Applier<TempFile>,
+        attrs: wire::Attrs,
+    },
+    /// The write failed; the rest of this file's frames are discarded.
+    Failed { id: u64 },
+}
+
+impl Writing {
+    fn id(&self) -> u64 {
+        match self {
+            Writing::Whole { id, .. } | Writing::Delta { id, .. } | Writing::Failed { id } => *id,
+        }
+    }
+}
+
+struct Session<W: Write> {
+    out: W,
+    root: Option<(PathBuf, Root)>,
+    superuser: bool,
+    signatures: HashMap<u64, Vec<u8>>,
+    writing: Option<Writing>,
+}
+
+/// Serve one session on `input` / `output` until the client says Bye or
+/// closes the connection.
+pub fn serve(input: impl Read, output: impl Write) -> Result<(), AgentError> {
+    let mut input = BufReader::with_capacity(CHUNK + 64, input);
+    let mut s = Session {
+        out: BufWriter::with_capacity(CHUNK + 64, output),
+        root: None,
+        // SAFETY: geteuid has no preconditions.
+        superuser: unsafe { libc::geteuid() } == 0,
+        signatures: HashMap::new(),
+        writing: None,
+    };
+    let mut buf = Vec::new();
+    loop {
+        // About to wait for the client: make sure it has everything we said.
+        if input.buffer().is_empty() {
+            s.out.flush()?;
+        }
+        let msg = match wire::recv(&mut input, &mut buf) {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = wire::send(
+                    &mut s.out,
+                    &Msg::Fatal {
+                        message: e.to_string(),
+                    },
+                );
+                let _ = s.out.flush();
+                return Err(e.into());
+            }
+        };
+        match s.handle(msg) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(AgentError::Refused(message)) => {
+                wire::send(
+                    &mut s.out,
+                    &Msg::Fatal {
+                        message: message.clone(),
+                    },
+                )?;
+                s.out.flush()?;
+                return Err(AgentError::Refused(message));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    s.out.flush()?;
+    Ok(())
+}
+
+fn fs_fail(id: u64, e: &FsError) -> Msg {
+    Msg::Fail {
+        id,
+        mismatch: false,
+        message: e.to_string(),
+    }
+}
+
+impl<W: Write> Session<W> {
+    fn root(&self) -> Result<&Root, AgentError> {
+        self.root
+            .as_ref()
+            .map(|(_, r)| r)
+            .ok_or_else(|| AgentError::Refused("the client sent a request before Hello".into()))
+    }
+
+    fn send(&mut self, m: &Msg) -> Result<(), AgentError> {
+        wire::send(&mut self.out, m)?;
+        Ok(())
+    }
+
+    /// Handle one message; false ends the session.
+    fn handle(&mut self, msg: Msg) -> Result<bool, AgentError> {
+        match msg {
+            Msg::Hello {
+                protocol,
+                version: client_version,
+                root,
+            } => {
+                if protocol != version::PROTOCOL {
+                    return Err(AgentError::Refused(format!(
+                        "protocol mismatch: this agent is hasync {} (protocol {}), the caller hasync {client_version} (protocol {protocol}); install the same hasync version on both nodes",
+                        version::VERSION,
+                        version::PROTOCOL
+                    )));
+                }
+                let path = PathBuf::from(std::ffi::OsStr::from_bytes_compat(&root));
+                let r = Root::open(&path)
+                    .map_err(|e| AgentError::Refused(format!("root {}: {e}", path.display())))?;
+                self.root = Some((path, r));
+                self.send(&Msg::Welcome {
+                    protocol: version::PROTOCOL,
+                    version: version::VERSION.into(),
+                    superuser: self.superuser,
+                })?;
+            }
+            Msg::Scan {
+                id,
+                excludes,
+                checksum,
+                cleanup,
+            } => self.scan(id, &excludes, checksum, cleanup)?,
+            Msg::SigReq { id, path } => {
+                let res = self.root()?.open_read(&path).and_then(|f| {
+                    delta::signature_of_file(&f).map_err(|e| FsError::io("sign", &path, e))
+                });
+                match res {
+                    Ok(sig) => {
+                        for c in sig.chunks(CHUNK) {
+                            self.send(&Msg::Data {
+                                id,
+                                bytes: c.to_vec(),
+                            })?;
+                        }
+                        self.send(&Msg::Done { id, bytes: 0 })?;
+                    }
+                    Err(e) => self.send(&fs_fail(id, &e))?,
+                }
+            }
+            Msg::Data { id, bytes } => self.data(id, &bytes)?,
+            Msg::DeltaReq { id, path } => {
+                let sig = self.signatures.remove(&id).unwrap_or_default();
+                self.read_out(id, &path, Some(&sig))?;
+            }
+            Msg::ReadReq { id, path } => self.read_out(id, &path, None)?,
+            Msg::Begin {
+                id,
+                path,
+                delta,
+                attrs,
+            } => self.begin(id, &path, delta, attrs)?,
+            Msg::End { id, size, hash, .. } => self.end(id, size, hash)?,
+            Msg::Fail { id, message, .. } => {
+                // The sender could not finish a file it started: drop ours.
+                if self.writing.as_ref().map(Writing::id) == Some(id) {
+                    self.writing = None;
+                }
+                self.send(&Msg::Fail {
+                    id,
+                    mismatch: false,
+                    message: format!("sender: {message}"),
+                })?;
+            }
+            Msg::Mkdir { id, path, attrs } => {
+                let r = self.root()?.mkdir(&path, attrs.mode & 0o7777);
+                self.reply(id, r)?;
+            }
+            Msg::Symlink {
+                id,
+                path,
+                target,
+                attrs,
+            } => {
+                let owner = self.owner(&attrs);
+                let root = self.root()?;
+                let r = root.symlink(&path, &target).and_then(|()| match owner {
+                    Some(_) => root.set_attrs(&path, &fs_attrs(&attrs, owner)),
+                    None => Ok(()),
+                });
+                self.reply(id, r)?;
+            }
+            Msg::Delete {
+                id,
+                path,
+                recursive,
+            } => {
+                let root = self.root()?;
+                let r = if recursive {
+                    root.remove(&path)
+                } else {
+                    root.remove_if_empty(&path)
+                };
+                self.reply(id, r)?;
+            }
+            Msg::SetAttrs { id, path, attrs } => {
+                let owner = self.owner(&attrs);
+                let r = self.root()?.set_attrs(&path, &fs_attrs(&attrs, owner));
+                self.reply(id, r)?;
+            }
+            Msg::Sync { id } => {
+                let r = self.root()?.sync_dirs();
+                self.reply(id, r)?;
+            }
+            Msg::Bye => {
+                self.send(&Msg::Bye)?;
+                return Ok(false);
+            }
+            other => {
+                return Err(AgentError::Refused(format!(
+                    "unexpected message from the client: {other:?}"
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    fn owner(&self, a: &wire::Attrs) -> Option<(u32, u32)> {
+        self.superuser.then_some((a.uid, a.gid))
+    }
+
+    fn reply(&mut self, id: u64, r: Result<(), FsError>) -> Result<(), AgentError> {
+        match r {
+            Ok(()) => self.send(&Msg::Done { id, bytes: 0 }),
+            Err(e) => self.send(&fs_fail(id, &e)),
+        }
+    }
+
+    fn scan(
+        &mut self,
+        id: u64,
+        excludes: &[String],
+        checksum: bool,
+        cleanup: bool,
+    ) -> Result<(), AgentError> {
+        let filter = match Filter::new(excludes) {
+            Ok(f) => f,
+            Err(e) => {
+                return self.send(&Msg::Fail {
+                    id,
+                    mismatch: false,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let root_path = self
+            .root
+            .as_ref()
+            .map(|(p, _)| p.clone())
+            .ok_or_else(|| AgentError::Refused("Scan before Hello".into()))?;
+        if cleanup {
+            if let Err(e) = self.root()?.remove_leftovers() {
+                return self.send(&fs_fail(id, &e));
+            }
+        }
+        let exclude =
+            |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
+        match fsroot::scan(&root_path, &exclude, checksum) {
+            Ok(scan) => {
+                let entries: Vec<wire::Entry> =
+                    scan.entries.into_iter().map(to_wire_entry).collect();
+                for batch in entries.chunks(2048) {
+                    self.send(&Msg::Entries {
+                        id,
+                        entries: batch.to_vec(),
+                    })?;
+                }
+                self.send(&Msg::Done {
+                    id,
+                    bytes: scan.skipped.len() as u64,
+                })?;
+            }
+            Err(e) => self.send(&fs_fail(id, &e))?,
+        }
+        Ok(())
+    }
+
+    /// Sender side: stream a file, whole or as a delta against `sig`.
+    fn read_out(&mut self, id: u64, path: &[u8], sig: Option<&[u8]>) -> Result<(), AgentError> {
+        let file = match self.root()?.open_read(path) {
+            Ok(f) => f,
+            Err(e) => return self.send(&fs_fail(id, &e)),
+        };
+        let out = &mut self.out;
+        let mut sink = |c: &[u8]| {
+            wire::send(
+                out,
+                &Msg::Data {
+                    id,
+                    bytes: c.to_vec(),
+                },
+            )
+        };
+        let res = match sig {
+            Some(sig) => delta::delta_of_file(&file, sig, CHUNK, &mut sink)
+                .map(|s| (s.size, s.hash, s.literal_bytes, s.matched_bytes))
+                .map_err(|e| e.to_string()),
+            None => delta::stream_file(&file, CHUNK, &mut sink)
+                .map(|(size, hash)| (size, *hash.as_bytes(), size, 0))
+                .map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok((size, hash, literal, matched)) => self.send(&Msg::End {
+                id,
+                size,
+                hash,
+                literal,
+                matched,
+            }),
+            Err(message) => self.send(&Msg::Fail {
+                id,
+                mismatch: false,
+                message: format!("reading {}: {message}", String::from_utf8_lossy(path)),
+            }),
+        }
+    }
+
+    fn begin(
+        &mut self,
+        id: u64,
+        path: &[u8],
+        is_delta: bool,
+        attrs: wire::Attrs,
+    ) -> Result<(), AgentError> {
+        let root = self.root()?;
+        let started = root.begin_file(path).and_then(|temp| {
+            if is_delta {
+                let base = root.open_read(path)?;
+                Ok(Writing::Delta {
+                    id,
+                    applier: delta::Applier::new(base, temp),
+                    attrs,
+                })
+            } else {
+                Ok(Writing::Whole {
+                    id,
+                    temp,
+                    hasher: blake3::Hasher::new(),
+                    size: 0,
+                    attrs,
+                })
+            }
+        });
+        match started {
+            Ok(w) => self.writing = Some(w),
+            Err(e) => {
+                self.writing = Some(Writing::Failed { id });
+                self.send(&fs_fail(id, &e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, id: u64, bytes: &[u8]) -> Result<(), AgentError> {
+        let result = match &mut self.writing {
+            Some(Writing::Whole {
+                id: wid,
+                temp,
+                hasher,
+                size,
+                ..
+            }) if *wid == id => {
+                hasher.update(bytes);
+                *size += bytes.len() as u64;
+                temp.write_all(bytes).map_err(|e| e.to_string())
+            }
+            Some(Writing::Delta {
+                id: wid, applier, ..
+            }) if *wid == id => applier.push(bytes).map_err(|e| e.to_string()),
+            Some(Writing::Failed { id: wid }) if *wid == id => Ok(()),
+            _ => {
+                // Signature chunks for a coming DeltaReq.
+                let sig = self.signatures.entry(id).or_default();
+                if sig.len() + bytes.len() > MAX_SIGNATURE {
+                    return Err(AgentError::Refused(format!(
+                        "signature for request {id} exceeds {MAX_SIGNATURE} bytes"
+                    )));
+                }
+                sig.extend_from_slice(bytes);
+                Ok(())
+            }
+        };
+        if let Err(message) = result {
+            self.writing = Some(Writing::Failed { id });
+            self.send(&Msg::Fail {
+                id,
+                mismatch: false,
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, id: u64, size: u64, hash: [u8; 32]) -> Result<(), AgentError> {
+        let Some(w) = self.writing.take() else {
+            return Err(AgentError::Refused(format!(
+                "End for request {id} without Begin"
+            )));
+        };
+        if w.id() != id {
+            return Err(AgentError::Refused(format!(
+                "End for request {id} while writing request {}",
+                w.id()
+            )));
+        }
+        let superuser = self.superuser;
+        let (temp, got_size, got_hash, attrs) = match w {
+            Writing::Failed { .. } => return Ok(()), // already answered
+            Writing::Whole {
+                temp,
+                hasher,
+                size,
+                attrs,
+                ..
+            } => (temp, size, *hasher.finalize().as_bytes(), attrs),
+            Writing::Delta { applier, attrs, .. } => match applier.finish() {
+                Ok((size, hash, temp)) => (temp, size, hash, attrs),
+                Err(e) => {
+                    return self.send(&Msg::Fail {
+                        id,
+                        mismatch: true,
+                        message: format!("delta: {e}"),
+                    })
+                }
+            },
+        };
+        if got_size != size || got_hash != hash {
+            drop(temp);
+            return self.send(&Msg::Fail {
+                id,
+                mismatch: true,
+                message: format!("content check failed: wrote {got_size} bytes hashing {}, expected {size} bytes hashing {}", hex(&got_hash[..8]), hex(&hash[..8])),
+            });
+        }
+        let owner = superuser.then_some((attrs.uid, attrs.gid));
+        match temp.commit(&fs_attrs(&attrs, owner)) {
+            Ok(()) => self.send(&Msg::Done { id, bytes: size }),
+            Err(e) => self.send(&fs_fail(id, &e)),
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn fs_attrs(a: &wire::Attrs, owner: Option<(u32, u32)>) -> fsroot::Attrs {
+    fsroot::Attrs {
+        mode: a.mode & 0o7777,
+        mtime_sec: a.mtime_sec,
+        mtime_nsec: a.mtime_nsec,
+        owner,
+    }
+}
+
+fn to_wire_entry(e: fsroot::Entry) -> wire::Entry {
+    wire::Entry {
+        kind: match e.kind {
+            fsroot::Kind::File => wire::Kind::File,
+            fsroot::Kind::Dir => wire::Kind::Dir,
+            fsroot::Kind::Symlink => wire::Kind::Symlink,
+        },
+        size: e.size,
+        attrs: wire::Attrs {
+            mode: e.mode,
+            mtime_sec: e.mtime_sec,
+            mtime_nsec: e.mtime_nsec,
+            uid: e.uid,
+            gid: e.gid,
+        },
+        target: e.target,
+        hash: e.hash,
+        path: e.path,
+    }
+}
+
+/// Bytes → OsStr without a UTF-8 detour (Linux file names are bytes).
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr;
+}
+
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(b)
+    }
+}
+
+/// The root the agent serves, for messages.
+pub fn describe_root(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,124 @@
+//! How a run's progress is shown: indicatif bars on a terminal, a plain log
+//! line every few seconds otherwise (cron mails, journald), nothing with -q.
+//! The engines only call [`hasync::sync::Progress`]; this is the CLI's choice.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hasync::sync::plan::{human_bytes, Plan};
+use hasync::sync::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Reporter {
+    node: String,
+    bar: Option<ProgressBar>,
+    lines: bool,
+    files_total: AtomicU64,
+    bytes_total: AtomicU64,
+    files: AtomicU64,
+    bytes: AtomicU64,
+    started: Instant,
+    last_line: Mutex<Instant>,
+}
+
+const LINE_EVERY: Duration = Duration::from_secs(10);
+
+impl Reporter {
+    /// Bars when stderr is a terminal and progress is wanted; log lines when
+    /// it is not; nothing when `quiet`.
+    pub fn new(node: &str, no_progress: bool, quiet: bool) -> Reporter {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (tty && !no_progress && !quiet).then(|| {
+            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template"),
+            );
+            b.set_prefix(node.to_string());
+            b
+        });
+        Reporter {
+            node: node.to_string(),
+            lines: !tty && !quiet,
+            bar,
+            files_total: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
+            files: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            started: Instant::now(),
+            last_line: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+
+    fn line(&self) {
+        let (f, ft) = (
+            self.files.load(Ordering::Relaxed),
+            self.files_total.load(Ordering::Relaxed),
+        );
+        let (b, bt) = (
+            self.bytes.load(Ordering::Relaxed),
+            self.bytes_total.load(Ordering::Relaxed),
+        );
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let pct = if bt > 0 {
+            b as f64 * 100.0 / bt as f64
+        } else {
+            100.0
+        };
+        eprintln!(
+            "{}: {f}/{ft} changes, {}/{} ({pct:.0}%), {}/s",
+            self.node,
+            human_bytes(b),
+            human_bytes(bt),
+            human_bytes((b as f64 / secs) as u64)
+        );
+    }
+}
+
+impl Progress for Reporter {
+    fn planned(&self, plan: &Plan) {
+        let t = plan.totals();
+        let files = plan.actions.len() as u64;
+        let bytes = t.created_bytes + t.updated_bytes;
+        self.files_total.store(files, Ordering::Relaxed);
+        self.bytes_total.store(bytes, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            // Totals come from the plan, so the bar never goes backwards.
+            b.set_length(bytes);
+            b.set_message(format!("0/{files}"));
+        }
+    }
+
+    fn done(&self, _path: &[u8], bytes: u64) {
+        let f = self.files.fetch_add(1, Ordering::Relaxed) + 1;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+            b.set_message(format!("{f}/{}", self.files_total.load(Ordering::Relaxed)));
+        } else if self.lines {
+            let mut last = self.last_line.lock().expect("progress lock");
+            if last.elapsed() >= LINE_EVERY {
+                *last = Instant::now();
+                drop(last);
+                self.line();
+            }
+        }
+    }
+
+    fn note(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("{}: {msg}", self.node)),
+            None => eprintln!("{}: {msg}", self.node),
+        }
+    }
+}

@@ -1,0 +1,935 @@
+//! The file engine: make the standby's tree equal to the primary's, minus
+//! exclusions, moving as few bytes as possible.
+//!
+//! Both sides are agents (see [`crate::agent`]): a process started over SSH,
+//! or the same code in a thread for the local node. The engine scans both at
+//! once, merge-joins the manifests into a [`plan::Plan`], checks the delete
+//! cap, and then runs the plan as one pipeline with no round trip per file:
+//!
+//! ```text
+//!   main ──requests──▶ src agent ──Data/End──▶ [src reader] ──Begin/Data/End──▶ dst agent
+//!   main ──requests──▶ dst agent ──Sig data / Done / Fail──▶ [dst reader] ──Data/DeltaReq──▶ src agent
+//! ```
+//!
+//! Each connection has its own writer thread fed by a channel. The channel to
+//! the source is unbounded (it carries small requests and signatures), the
+//! one to the standby is bounded (it carries file data); the reader of the
+//! standby never blocks, so no cycle of full buffers can deadlock the two.
+//! Every transferred file is verified by its BLAKE3 hash on the standby
+//! before it replaces the old one; a mismatch sends the file again whole.
+
+pub mod delta;
+pub mod filter;
+pub mod manifest;
+pub mod plan;
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::agent::wire::{self, Msg};
+use manifest::{Entry, Kind};
+use plan::{Action, Plan, PlanOptions};
+
+/// A connection to an agent: a byte stream each way, and whatever keeps the
+/// agent alive (a remote process or a local thread).
+pub struct Conn {
+    /// The node's name, for messages.
+    pub node: String,
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    /// Called after the session to collect the agent's fate (exit status,
+    /// stderr); returns an error message if it failed.
+    pub finish: Box<dyn FnOnce() -> Option<String> + Send>,
+}
+
+impl Conn {
+    /// The agent engine in a thread of this process, for the local node.
+    pub fn local(node: &str) -> std::io::Result<Conn> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        let b2 = b.try_clone()?;
+        let handle = std::thread::Builder::new()
+            .name(format!("agent-{node}"))
+            .spawn(move || crate::agent::serve(b, b2))?;
+        let reader = a.try_clone()?;
+        Ok(Conn {
+            node: node.to_string(),
+            reader: Box::new(reader),
+            writer: Box::new(a),
+            finish: Box::new(move || match handle.join() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the local agent thread panicked".into()),
+            }),
+        })
+    }
+}
+
+impl Conn {
+    /// Start the agent on `node`: in process for the local node, over SSH
+    /// (`<agent_path> agent`) otherwise.
+    pub fn open(node: &crate::config::Node) -> Result<Conn, SyncError> {
+        use crate::transport::{self, Address};
+        if matches!(node.endpoint.address, Address::Local) {
+            return Conn::local(&node.name).map_err(|e| SyncError::Agent {
+                node: node.name.clone(),
+                message: format!("cannot start the local agent: {e}"),
+            });
+        }
+        let t = transport::connect(&node.endpoint).map_err(|e| SyncError::Agent {
+            node: node.name.clone(),
+            message: e.to_string(),
+        })?;
+        let cmd = format!("{} agent", transport::shell_quote(&node.agent_path));
+        let mut p = t.spawn(&cmd).map_err(|e| SyncError::Agent {
+            node: node.name.clone(),
+            message: format!("cannot start `{cmd}`: {e}"),
+        })?;
+        let writer = p.take_stdin().expect("a spawned process has stdin");
+        let reader = std::mem::replace(&mut p.stdout, Box::new(std::io::empty()));
+        let name = node.name.clone();
+        let agent_path = node.agent_path.clone();
+        Ok(Conn {
+            node: node.name.clone(),
+            reader,
+            writer,
+            finish: Box::new(move || {
+                // Keep the SSH session alive until the agent is done.
+                let _t = t;
+                match p.wait() {
+                    Ok(out) if out.status == 0 => None,
+                    Ok(out) if out.status == 127 || out.status == 126 => Some(format!(
+                        "`{agent_path}` not found or not executable on {name}: install hasync {} there (same architecture), or set agent_path",
+                        crate::version::VERSION
+                    )),
+                    Ok(out) => Some(format!("agent exited with status {}: {}", out.status, out.stderr_tail())),
+                    Err(e) => Some(e.to_string()),
+                }
+            }),
+        })
+    }
+}
+
+/// What a run is asked to do.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub src_root: String,
+    pub dst_root: String,
+    pub excludes: Vec<String>,
+    pub delete: bool,
+    pub max_delete: u64,
+    pub checksum: bool,
+    pub dry_run: bool,
+}
+
+/// What the engine tells whoever shows progress. Engines never print.
+pub trait Progress: Send + Sync {
+    /// The plan is known: totals for the bars.
+    fn planned(&self, _plan: &Plan) {}
+    /// A file (or other action) finished; `bytes` of its size are now done.
+    fn done(&self, _path: &[u8], _bytes: u64) {}
+    /// Something worth a log line (a retry, a phase).
+    fn note(&self, _msg: &str) {}
+}
+
+/// Progress that shows nothing.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// The result of a run (or of a dry run, with zero transfer figures).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    pub totals: plan::Totals,
+    /// Bytes sent as literal data / reconstructed from the standby's copy.
+    pub literal_bytes: u64,
+    pub matched_bytes: u64,
+    /// Protocol bytes sent to and received from the standby's agent.
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    /// Files sent again whole after a failed content check.
+    pub resent: u64,
+    pub scan_secs: f64,
+    pub transfer_secs: f64,
+    pub skipped_special: u64,
+}
+
+/// Why a run failed. Every message names the node and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{node}: {message}")]
+    Agent { node: String, message: String },
+    #[error("{node}: connection to the agent lost during {step}: {source}")]
+    Connection {
+        node: String,
+        step: &'static str,
+        source: wire::WireError,
+    },
+    #[error(
+        "refusing to delete {count} paths on {node}: more than max_delete = {max}. If the primary really lost them, \
+         raise [files] max_delete or pass --max-delete {count}; if not, check the primary's tree first"
+    )]
+    TooManyDeletes {
+        node: String,
+        count: usize,
+        max: u64,
+    },
+    #[error("{failed} of {total} changes failed on {node}; first: {first}")]
+    Partial {
+        node: String,
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+}
+
+/// A plan and, unless dry-run, what carrying it out took.
+pub struct Outcome {
+    pub plan: Plan,
+    pub summary: Summary,
+}
+
+/// Counts bytes through a reader or writer.
+struct Counted<T> {
+    inner: T,
+    count: Arc<AtomicU64>,
+}
+
+impl<T: Read> Read for Counted<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl<T: Write> Write for Counted<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type Reader = BufReader<Counted<Box<dyn Read + Send>>>;
+type Writer = BufWriter<Counted<Box<dyn Write + Send>>>;
+
+fn recv(
+    node: &str,
+    step: &'static str,
+    r: &mut Reader,
+    buf: &mut Vec<u8>,
+) -> Result<Msg, SyncError> {
+    match wire::recv(r, buf) {
+        Ok(Some(Msg::Fatal { message })) => Err(SyncError::Agent {
+            node: node.into(),
+            message,
+        }),
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(SyncError::Connection {
+            node: node.into(),
+            step,
+            source: wire::WireError::Closed,
+        }),
+        Err(e) => Err(SyncError::Connection {
+            node: node.into(),
+            step,
+            source: e,
+        }),
+    }
+}
+
+/// One side during a run.
+struct Side {
+    node: String,
+    reader: Reader,
+    writer: Writer,
+    finish: Box<dyn FnOnce() -> Option<String> + Send>,
+    superuser: bool,
+    /// The agent already said Bye (the source does at the end of a transfer).
+    closed: bool,
+    received: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Side {
+    fn new(c: Conn) -> Side {
+        let received = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        Side {
+            node: c.node,
+            reader: BufReader::with_capacity(
+                wire::CHUNK + 64,
+                Counted {
+                    inner: c.reader,
+                    count: received.clone(),
+                },
+            ),
+            writer: BufWriter::with_capacity(
+                wire::CHUNK + 64,
+                Counted {
+                    inner: c.writer,
+                    count: sent.clone(),
+                },
+            ),
+            finish: c.finish,
+            superuser: false,
+            closed: false,
+            received,
+            sent,
+        }
+    }
+
+    fn send(&mut self, step: &'static str, m: &Msg) -> Result<(), SyncError> {
+        wire::send(&mut self.writer, m)
+            .and_then(|()| self.writer.flush())
+            .map_err(|e| SyncError::Connection {
+                node: self.node.clone(),
+                step,
+                source: e.into(),
+            })
+    }
+
+    fn hello(&mut self, root: &str) -> Result<(), SyncError> {
+        self.send(
+            "handshake",
+            &Msg::Hello {
+                protocol: crate::version::PROTOCOL,
+                version: crate::version::VERSION.into(),
+                root: root.as_bytes().to_vec(),
+            },
+        )?;
+        let mut buf = Vec::new();
+        match recv(&self.node, "handshake", &mut self.reader, &mut buf)? {
+            Msg::Welcome { protocol, superuser, .. } if protocol == crate::version::PROTOCOL => {
+                self.superuser = superuser;
+                Ok(())
+            }
+            Msg::Welcome { protocol, version, .. } => Err(SyncError::Agent {
+                node: self.node.clone(),
+                message: format!(
+                    "agent is hasync {version} (protocol {protocol}), this is hasync {} (protocol {}); install the same version on both nodes",
+                    crate::version::VERSION,
+                    crate::version::PROTOCOL
+                ),
+            }),
+            other => Err(SyncError::Agent { node: self.node.clone(), message: format!("unexpected answer to Hello: {other:?}") }),
+        }
+    }
+
+    /// Scan, returning the sorted manifest and the count of skipped specials.
+    fn scan_reply(&mut self, id: u64) -> Result<(Vec<Entry>, u64), SyncError> {
+        let mut buf = Vec::new();
+        let mut entries = Vec::new();
+        loop {
+            match recv(&self.node, "scan", &mut self.reader, &mut buf)? {
+                Msg::Entries { id: i, entries: e } if i == id => entries.extend(e),
+                Msg::Done { id: i, bytes } if i == id => return Ok((entries, bytes)),
+                Msg::Fail { message, .. } => {
+                    return Err(SyncError::Agent {
+                        node: self.node.clone(),
+                        message: format!("scan failed: {message}"),
+                    })
+                }
+                other => {
+                    return Err(SyncError::Agent {
+                        node: self.node.clone(),
+                        message: format!("unexpected during scan: {other:?}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Run a file replication from `src` to `dst`.
+pub fn run(
+    src: Conn,
+    dst: Conn,
+    opts: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<Outcome, SyncError> {
+    let mut src = Side::new(src);
+    let mut dst = Side::new(dst);
+    let t0 = Instant::now();
+    // Handshakes and scans on both sides at once.
+    let scan =
+        |side: &mut Side, root: &str, cleanup: bool| -> Result<(Vec<Entry>, u64), SyncError> {
+            side.hello(root)?;
+            side.send(
+                "scan",
+                &Msg::Scan {
+                    id: 0,
+                    excludes: opts.excludes.clone(),
+                    checksum: opts.checksum,
+                    cleanup,
+                },
+            )?;
+            side.scan_reply(0)
+        };
+    let (src_scan, dst_scan) = std::thread::scope(|s| {
+        let a = s.spawn(|| scan(&mut src, &opts.src_root, false));
+        // The standby removes leftovers of interrupted runs (never on a dry run).
+        let b = scan(&mut dst, &opts.dst_root, !opts.dry_run);
+        (a.join().expect("scan thread panicked"), b)
+    });
+    let (src_entries, skipped) = src_scan.map_err(|e| explain(&mut src, e))?;
+    let (dst_entries, _) = dst_scan.map_err(|e| explain(&mut dst, e))?;
+    let plan = plan::plan(
+        &src_entries,
+        &dst_entries,
+        PlanOptions {
+            checksum: opts.checksum,
+            owners: src.superuser && dst.superuser,
+            delete: opts.delete,
+        },
+    );
+    let mut summary = Summary {
+        totals: plan.totals(),
+        scan_secs: t0.elapsed().as_secs_f64(),
+        skipped_special: skipped,
+        ..Summary::default()
+    };
+    let deletes = plan.deletes();
+    if deletes as u64 > opts.max_delete {
+        let _ = src.send("close", &Msg::Bye);
+        let _ = dst.send("close", &Msg::Bye);
+        return Err(SyncError::TooManyDeletes {
+            node: dst.node.clone(),
+            count: deletes,
+            max: opts.max_delete,
+        });
+    }
+    progress.planned(&plan);
+    if opts.dry_run || plan.is_empty() {
+        close(src, dst, &mut summary)?;
+        return Ok(Outcome { plan, summary });
+    }
+    let t1 = Instant::now();
+    execute(&mut src, &mut dst, &plan, &mut summary, progress)?;
+    summary.transfer_secs = t1.elapsed().as_secs_f64();
+    close(src, dst, &mut summary)?;
+    Ok(Outcome { plan, summary })
+}
+
+/// A lost connection says little; the agent's exit status and stderr say why.
+fn explain(side: &mut Side, e: SyncError) -> SyncError {
+    if let SyncError::Connection { step, .. } = &e {
+        let finish = std::mem::replace(&mut side.finish, Box::new(|| None));
+        if let Some(why) = finish() {
+            return SyncError::Agent {
+                node: side.node.clone(),
+                message: format!("{step}: {why}"),
+            };
+        }
+    }
+    e
+}
+
+fn close(mut src: Side, mut dst: Side, summary: &mut Summary) -> Result<(), SyncError> {
+    let mut buf = Vec::new();
+    for side in [&mut src, &mut dst] {
+        if side.closed {
+            continue;
+        }
+        side.send("close", &Msg::Bye)?;
+        loop {
+            match recv(&side.node, "close", &mut side.reader, &mut buf)? {
+                Msg::Bye => break,
+                _ => continue,
+            }
+        }
+    }
+    summary.wire_sent = dst.sent.load(Ordering::Relaxed);
+    summary.wire_received = dst.received.load(Ordering::Relaxed);
+    drop(src.writer);
+    drop(dst.writer);
+    for (node, finish) in [(src.node, src.finish), (dst.node, dst.finish)] {
+        if let Some(message) = finish() {
+            return Err(SyncError::Agent {
+                node,
+                message: format!("agent ended badly: {message}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A request id that only wakes the standby's reader.
+const WAKE: u64 = u64::MAX;
+
+/// What the pipeline knows about each request id.
+#[derive(Clone)]
+struct Job {
+    entry: Entry,
+    /// A delta against the standby's copy (false: whole file).
+    delta: bool,
+    /// Begin already forwarded to the standby.
+    begun: bool,
+    resent: bool,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<u64, Job>,
+    outstanding: usize,
+    failures: Vec<String>,
+    fatal: Option<SyncError>,
+    literal: u64,
+    matched: u64,
+    resent: u64,
+    next_id: u64,
+}
+
+enum Out {
+    Frame(Vec<u8>),
+}
+
+fn writer_thread(
+    mut w: Writer,
+    rx: Receiver<Out>,
+) -> std::thread::JoinHandle<(Writer, Option<std::io::Error>)> {
+    std::thread::spawn(move || {
+        let mut err = None;
+        loop {
+            // Block for the next frame; flush only when nothing else is queued.
+            let first = match rx.try_recv() {
+                Ok(f) => Some(f),
+                Err(mpsc::TryRecvError::Empty) => {
+                    if let Err(e) = w.flush() {
+                        err = Some(e);
+                        break;
+                    }
+                    rx.recv().ok()
+                }
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            };
+            let Some(Out::Frame(f)) = first else { break };
+            if let Err(e) = w.write_all(&f) {
+                err = Some(e);
+                break;
+            }
+        }
+        if err.is_none() {
+            if let Err(e) = w.flush() {
+                err = Some(e);
+            }
+        }
+        // Drain until every sender is gone, so none blocks on a dead writer.
+        for _ in rx.iter() {}
+        (w, err)
+    })
+}
+
+fn execute(
+    src: &mut Side,
+    dst: &mut Side,
+    plan: &Plan,
+    summary: &mut Summary,
+    progress: &dyn Progress,
+) -> Result<(), SyncError> {
+    let state = Arc::new(Mutex::new(State {
+        next_id: 1,
+        ..State::default()
+    }));
+    let (to_src, src_rx) = mpsc::channel::<Out>();
+    let (to_dst, dst_rx) = mpsc::sync_channel::<Out>(64);
+    let src_writer = std::mem::replace(
+        &mut src.writer,
+        BufWriter::new(Counted {
+            inner: Box::new(std::io::sink()),
+            count: Arc::default(),
+        }),
+    );
+    let dst_writer = std::mem::replace(
+        &mut dst.writer,
+        BufWriter::new(Counted {
+            inner: Box::new(std::io::sink()),
+            count: Arc::default(),
+        }),
+    );
+    let src_w = writer_thread(src_writer, src_rx);
+    let dst_w = writer_thread(dst_writer, dst_rx);
+    let frame = |m: &Msg| Out::Frame(m.encode());
+    let src_node = src.node.clone();
+    let dst_node = dst.node.clone();
+
+    // Everything the standby must do before file data arrives goes first
+    // in its channel: deletes (deepest first) and directories (parents first).
+    let mut files = Vec::new();
+    let mut dst_ops = 0usize;
+    {
+        let mut st = state.lock().expect("state lock");
+        for a in &plan.actions {
+            let id = st.next_id;
+            st.next_id += 1;
+            let msg = match a {
+                Action::Delete { path, .. } => Msg::Delete {
+                    id,
+                    path: path.clone(),
+                    recursive: false,
+                },
+                Action::Create(e) if e.kind == Kind::Dir => Msg::Mkdir {
+                    id,
+                    path: e.path.clone(),
+                    attrs: e.attrs,
+                },
+                Action::Create(e) | Action::Relink { entry: e, .. } if e.kind == Kind::Symlink => {
+                    Msg::Symlink {
+                        id,
+                        path: e.path.clone(),
+                        target: e.target.clone().unwrap_or_default(),
+                        attrs: e.attrs,
+                    }
+                }
+                Action::Attrs { entry, .. } => Msg::SetAttrs {
+                    id,
+                    path: entry.path.clone(),
+                    attrs: entry.attrs,
+                },
+                Action::Create(e) => {
+                    files.push((id, e.clone(), false));
+                    continue;
+                }
+                Action::Update { entry, .. } => {
+                    files.push((id, entry.clone(), true));
+                    continue;
+                }
+                Action::Relink { .. } => unreachable!("relink is for symlinks"),
+            };
+            let entry = match a {
+                Action::Delete { path, kind, .. } => Entry {
+                    path: path.clone(),
+                    kind: *kind,
+                    size: 0,
+                    attrs: Default::default(),
+                    target: None,
+                    hash: None,
+                },
+                Action::Create(e)
+                | Action::Relink { entry: e, .. }
+                | Action::Attrs { entry: e, .. }
+                | Action::Update { entry: e, .. } => e.clone(),
+            };
+            st.jobs.insert(
+                id,
+                Job {
+                    entry,
+                    delta: false,
+                    begun: true,
+                    resent: false,
+                },
+            );
+            st.outstanding += 1;
+            dst_ops += 1;
+            let _ = to_dst.send(frame(&msg));
+        }
+        for (id, e, delta) in &files {
+            st.jobs.insert(
+                *id,
+                Job {
+                    entry: e.clone(),
+                    delta: *delta,
+                    begun: false,
+                    resent: false,
+                },
+            );
+            st.outstanding += 1;
+        }
+    }
+    let total = dst_ops + files.len();
+    if total == 0 {
+        // Only directory metadata to set.
+        drop((to_src, to_dst));
+        src.writer = src_w.join().expect("writer thread").0;
+        dst.writer = dst_w.join().expect("writer thread").0;
+        return finish_dirs(dst, plan, progress);
+    }
+
+    let result = std::thread::scope(|s| -> Result<(), SyncError> {
+        // Source reader: file content and deltas, forwarded to the standby.
+        let src_reader = &mut src.reader;
+        let st1 = state.clone();
+        let to_dst1 = to_dst.clone();
+        let src_node1 = src_node.clone();
+        let sr = s.spawn(move || {
+            let mut buf = Vec::new();
+            loop {
+                let msg = match recv(&src_node1, "file transfer", src_reader, &mut buf) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let mut st = st1.lock().expect("state lock");
+                        if st.fatal.is_none() && st.outstanding > 0 {
+                            st.fatal = Some(e);
+                            // Wake the standby reader: its answer makes it see the failure.
+                            let _ = to_dst1.send(frame(&Msg::Sync { id: WAKE }));
+                        }
+                        return;
+                    }
+                };
+                let id = match &msg {
+                    Msg::Data { id, .. } | Msg::End { id, .. } | Msg::Fail { id, .. } => *id,
+                    Msg::Bye => return,
+                    _ => continue,
+                };
+                let mut st = st1.lock().expect("state lock");
+                let Some(job) = st.jobs.get_mut(&id) else {
+                    continue;
+                };
+                if !job.begun {
+                    job.begun = true;
+                    if matches!(msg, Msg::Fail { .. }) {
+                        // Never started on the standby: the failure is ours to count.
+                        if let Msg::Fail { message, .. } = &msg {
+                            let p = String::from_utf8_lossy(&job.entry.path).into_owned();
+                            st.failures.push(format!("{p}: {message}"));
+                        }
+                        st.outstanding -= 1;
+                        continue;
+                    }
+                    let begin = Msg::Begin {
+                        id,
+                        path: job.entry.path.clone(),
+                        delta: job.delta,
+                        attrs: job.entry.attrs,
+                    };
+                    drop(st);
+                    let _ = to_dst1.send(frame(&begin));
+                    st = st1.lock().expect("state lock");
+                }
+                if let Msg::End {
+                    literal, matched, ..
+                } = &msg
+                {
+                    st.literal += literal;
+                    st.matched += matched;
+                }
+                drop(st);
+                // Forward the frame as it came.
+                let _ = to_dst1.send(frame(&msg));
+            }
+        });
+
+        // Standby reader: completions, signatures, retries.
+        let dst_reader = &mut dst.reader;
+        let st2 = state.clone();
+        let to_src2 = to_src.clone();
+        let dst_node2 = dst_node.clone();
+        let dr = s.spawn(move || {
+            let mut buf = Vec::new();
+            loop {
+                let msg = match recv(&dst_node2, "file transfer", dst_reader, &mut buf) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let mut st = st2.lock().expect("state lock");
+                        if st.fatal.is_none() {
+                            st.fatal = Some(e);
+                        }
+                        return;
+                    }
+                };
+                let mut st = st2.lock().expect("state lock");
+                if st.fatal.is_some() {
+                    return;
+                }
+                match msg {
+                    // Signature chunks: pass to the source for its delta.
+                    Msg::Data { id, bytes } => {
+                        drop(st);
+                        let _ = to_src2.send(frame(&Msg::Data { id, bytes }));
+                    }
+                    Msg::Done { id, bytes } => {
+                        let Some(job) = st.jobs.get(&id).cloned() else {
+                            continue;
+                        };
+                        if job.delta && !job.begun {
+                            // The signature is complete: ask for the delta.
+                            drop(st);
+                            let _ = to_src2.send(frame(&Msg::DeltaReq {
+                                id,
+                                path: job.entry.path,
+                            }));
+                        } else {
+                            st.jobs.remove(&id);
+                            st.outstanding -= 1;
+                            let done = st.outstanding == 0;
+                            drop(st);
+                            let _ = bytes;
+                            progress.done(
+                                &job.entry.path,
+                                if job.entry.kind == Kind::File {
+                                    job.entry.size
+                                } else {
+                                    0
+                                },
+                            );
+                            if done {
+                                return;
+                            }
+                        }
+                    }
+                    Msg::Fail {
+                        id,
+                        mismatch,
+                        message,
+                    } => {
+                        let Some(job) = st.jobs.get(&id).cloned() else {
+                            continue;
+                        };
+                        let path = String::from_utf8_lossy(&job.entry.path).into_owned();
+                        if job.entry.kind == Kind::File
+                            && ((job.delta && !job.begun) || (mismatch && !job.resent))
+                        {
+                            // No usable base, or a content check failed: send it whole.
+                            progress.note(&format!("{path}: {message}; sending it whole"));
+                            let j = st.jobs.get_mut(&id).expect("job exists");
+                            j.delta = false;
+                            j.begun = false;
+                            if mismatch {
+                                j.resent = true;
+                                st.resent += 1;
+                            }
+                            drop(st);
+                            let _ = to_src2.send(frame(&Msg::ReadReq {
+                                id,
+                                path: job.entry.path,
+                            }));
+                        } else {
+                            st.jobs.remove(&id);
+                            st.failures.push(format!("{path}: {message}"));
+                            st.outstanding -= 1;
+                            if st.outstanding == 0 {
+                                return;
+                            }
+                        }
+                    }
+                    Msg::Bye => return,
+                    other => {
+                        st.fatal = Some(SyncError::Agent {
+                            node: dst_node2.clone(),
+                            message: format!("unexpected message: {other:?}"),
+                        });
+                        return;
+                    }
+                }
+            }
+        });
+
+        // Requests for every file: signatures from the standby for updates,
+        // whole content from the source for creates. All sent at once.
+        for (id, e, delta) in &files {
+            if *delta {
+                let _ = to_dst.send(frame(&Msg::SigReq {
+                    id: *id,
+                    path: e.path.clone(),
+                }));
+            } else {
+                let _ = to_src.send(frame(&Msg::ReadReq {
+                    id: *id,
+                    path: e.path.clone(),
+                }));
+            }
+        }
+        // Wait for the standby reader to see every completion (or a failure).
+        let _ = dr.join();
+        // The source reader would block on its connection: end the source's
+        // session, its Bye ends the reader.
+        let _ = to_src.send(frame(&Msg::Bye));
+        let _ = sr.join();
+        src.closed = true;
+        Ok(())
+    });
+    result?;
+
+    // Directory metadata last (writing into a directory changes its mtime),
+    // then make the new directory entries durable.
+    let (fatal, failures) = {
+        let mut st = state.lock().expect("state lock");
+        summary.literal_bytes = st.literal;
+        summary.matched_bytes = st.matched;
+        summary.resent = st.resent;
+        (st.fatal.take(), std::mem::take(&mut st.failures))
+    };
+    drop(to_src);
+    drop(to_dst);
+    let (w, e1) = src_w.join().expect("writer thread");
+    src.writer = w;
+    let (w, e2) = dst_w.join().expect("writer thread");
+    dst.writer = w;
+    if let Some(f) = fatal {
+        return Err(f);
+    }
+    if let Some(e) = e2 {
+        return Err(SyncError::Connection {
+            node: dst.node.clone(),
+            step: "file transfer",
+            source: e.into(),
+        });
+    }
+    if let Some(e) = e1 {
+        return Err(SyncError::Connection {
+            node: src.node.clone(),
+            step: "file transfer",
+            source: e.into(),
+        });
+    }
+    finish_dirs(dst, plan, progress)?;
+    if let Some(first) = failures.first() {
+        return Err(SyncError::Partial {
+            node: dst.node.clone(),
+            failed: failures.len(),
+            total,
+            first: first.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn finish_dirs(dst: &mut Side, plan: &Plan, progress: &dyn Progress) -> Result<(), SyncError> {
+    let mut id = u64::MAX / 2;
+    for e in &plan.dir_attrs {
+        id += 1;
+        wire::send(
+            &mut dst.writer,
+            &Msg::SetAttrs {
+                id,
+                path: e.path.clone(),
+                attrs: e.attrs,
+            },
+        )
+        .map_err(|err| SyncError::Connection {
+            node: dst.node.clone(),
+            step: "directory attributes",
+            source: err.into(),
+        })?;
+    }
+    id += 1;
+    dst.send("sync", &Msg::Sync { id })?;
+    let mut buf = Vec::new();
+    let mut failures = Vec::new();
+    loop {
+        match recv(&dst.node, "directory attributes", &mut dst.reader, &mut buf)? {
+            Msg::Done { id: i, .. } if i == id => break,
+            Msg::Fail { id: i, message, .. } if i == id => {
+                failures.push(format!("sync: {message}"))
+            }
+            Msg::Fail { message, .. } => failures.push(message),
+            _ => {}
+        }
+    }
+    let _ = progress;
+    if let Some(first) = failures.first() {
+        return Err(SyncError::Partial {
+            node: dst.node.clone(),
+            failed: failures.len(),
+            total: plan.dir_attrs.len(),
+            first: first.clone(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,465 @@
+//! The plan: what must change on the standby to make it equal to the
+//! primary, computed by merge-joining the two sorted manifests.
+//!
+//! The plan is computed once and both `--dry-run` and the real run use it, so
+//! what the dry run prints is exactly what the real run does. Deletions are
+//! counted before anything is touched, so `max_delete` can stop a run (a
+//! primary whose tree was accidentally emptied) before a single file goes.
+
+use std::cmp::Ordering;
+
+use super::manifest::{Attrs, Entry, Kind};
+
+/// How a file on the standby differs from the primary's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Changes {
+    pub size: bool,
+    pub mtime: bool,
+    /// The content hashes differ (only known with `--checksum`).
+    pub content: bool,
+    pub mode: bool,
+    pub owner: bool,
+}
+
+/// One thing to do on the standby.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A path the standby does not have (or has as another kind).
+    Create(Entry),
+    /// A file whose content differs: delta against the standby's copy.
+    Update {
+        entry: Entry,
+        old_size: u64,
+        changes: Changes,
+    },
+    /// Same content, other metadata (mode, owner, mtime in checksum mode).
+    Attrs { entry: Entry, changes: Changes },
+    /// A symlink whose target changed.
+    Relink { entry: Entry, old_target: Vec<u8> },
+    /// A path the primary no longer has (or has as another kind). A
+    /// directory is removed entry by entry, each entry its own Delete, and
+    /// the directory itself only if nothing is left: excluded files inside it
+    /// survive, with the directories leading to them, as with rsync.
+    Delete {
+        path: Vec<u8>,
+        kind: Kind,
+        size: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    /// Compare content hashes instead of size and mtime (`--checksum`).
+    pub checksum: bool,
+    /// Compare and carry owners (the standby side runs as root).
+    pub owners: bool,
+    /// Delete what the primary no longer has.
+    pub delete: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// In execution order: deletes (deepest first), then creates and
+    /// updates in path order (parents before children).
+    pub actions: Vec<Action>,
+    /// Directories whose mode and mtime are set last, deepest first (writing
+    /// into a directory changes its mtime).
+    pub dir_attrs: Vec<Entry>,
+}
+
+/// Totals for summaries and the progress bar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub created: u64,
+    pub created_bytes: u64,
+    pub updated: u64,
+    pub updated_bytes: u64,
+    pub attrs: u64,
+    pub deleted: u64,
+    pub deleted_bytes: u64,
+}
+
+impl Plan {
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for a in &self.actions {
+            match a {
+                Action::Create(e) => {
+                    t.created += 1;
+                    t.created_bytes += e.size;
+                }
+                Action::Update { entry, .. } => {
+                    t.updated += 1;
+                    t.updated_bytes += entry.size;
+                }
+                Action::Relink { .. } => t.updated += 1,
+                Action::Attrs { .. } => t.attrs += 1,
+                Action::Delete { size, .. } => {
+                    t.deleted += 1;
+                    t.deleted_bytes += size;
+                }
+            }
+        }
+        t
+    }
+
+    pub fn deletes(&self) -> usize {
+        self.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Delete { .. }))
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.dir_attrs.is_empty()
+    }
+}
+
+fn attrs_differ(src: &Attrs, dst: &Attrs, owners: bool) -> (bool, bool) {
+    let mode = src.mode & 0o7777 != dst.mode & 0o7777;
+    let owner = owners && (src.uid != dst.uid || src.gid != dst.gid);
+    (mode, owner)
+}
+
+fn mtime_differs(a: &Attrs, b: &Attrs) -> bool {
+    a.mtime_sec != b.mtime_sec || a.mtime_nsec != b.mtime_nsec
+}
+
+/// Compare the primary's manifest `src` with the standby's `dst` (both
+/// sorted by path bytes, both already filtered by the same excludes, so
+/// excluded standby files are never deleted).
+pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
+    let mut creates = Vec::new();
+    let mut deletes: Vec<Action> = Vec::new();
+    let mut dir_attrs = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let delete = |e: &Entry, deletes: &mut Vec<Action>| {
+        deletes.push(Action::Delete {
+            path: e.path.clone(),
+            kind: e.kind,
+            size: e.size,
+        });
+    };
+    // Standby directories in the way of a primary file or symlink: their
+    // contents go even without `delete`, as rsync empties them too.
+    let mut replaced: Vec<Vec<u8>> = Vec::new();
+    let under_replaced = |p: &[u8], replaced: &[Vec<u8>]| {
+        replaced
+            .iter()
+            .any(|r| p.len() > r.len() && p.starts_with(r) && p[r.len()] == b'/')
+    };
+    while i < src.len() || j < dst.len() {
+        let ord = match (src.get(i), dst.get(j)) {
+            (Some(s), Some(d)) => s.path.cmp(&d.path),
+            (Some(_), None) => Ordering::Less,
+            (None, _) => Ordering::Greater,
+        };
+        match ord {
+            Ordering::Less => {
+                let s = &src[i];
+                if s.kind == Kind::Dir {
+                    dir_attrs.push(s.clone());
+                }
+                creates.push(Action::Create(s.clone()));
+                i += 1;
+            }
+            Ordering::Greater => {
+                if opts.delete || under_replaced(&dst[j].path, &replaced) {
+                    delete(&dst[j], &mut deletes);
+                }
+                j += 1;
+            }
+            Ordering::Equal => {
+                let (s, d) = (&src[i], &dst[j]);
+                i += 1;
+                j += 1;
+                if s.kind != d.kind {
+                    // Another kind of thing under the same name: replace it,
+                    // even without `delete` (as rsync does).
+                    delete(d, &mut deletes);
+                    if d.kind == Kind::Dir {
+                        replaced.push(d.path.clone());
+                    }
+                    if s.kind == Kind::Dir {
+                        dir_attrs.push(s.clone());
+                    }
+                    creates.push(Action::Create(s.clone()));
+                    continue;
+                }
+                let (mode, owner) = attrs_differ(&s.attrs, &d.attrs, opts.owners);
+                match s.kind {
+                    Kind::File => {
+                        let size = s.size != d.size;
+                        let mtime = mtime_differs(&s.attrs, &d.attrs);
+                        // `content`: the hashes differ (known only with --checksum).
+                        let content = opts.checksum && (s.hash != d.hash || s.hash.is_none());
+                        let transfer = if opts.checksum {
+                            size || content
+                        } else {
+                            size || mtime
+                        };
+                        let changes = Changes {
+                            size,
+                            mtime,
+                            content,
+                            mode,
+                            owner,
+                        };
+                        if transfer {
+                            creates.push(Action::Update {
+                                entry: s.clone(),
+                                old_size: d.size,
+                                changes,
+                            });
+                        } else if mode || owner || mtime {
+                            creates.push(Action::Attrs {
+                                entry: s.clone(),
+                                changes,
+                            });
+                        }
+                    }
+                    Kind::Symlink => {
+                        if s.target != d.target {
+                            creates.push(Action::Relink {
+                                entry: s.clone(),
+                                old_target: d.target.clone().unwrap_or_default(),
+                            });
+                        } else if owner {
+                            let changes = Changes {
+                                owner,
+                                ..Changes::default()
+                            };
+                            creates.push(Action::Attrs {
+                                entry: s.clone(),
+                                changes,
+                            });
+                        }
+                    }
+                    Kind::Dir => {
+                        if mode || owner || mtime_differs(&s.attrs, &d.attrs) {
+                            dir_attrs.push(s.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Deepest first: a child's path sorts after its parent's, so reverse order.
+    deletes.sort_by(|a, b| match (a, b) {
+        (Action::Delete { path: p, .. }, Action::Delete { path: q, .. }) => q.cmp(p),
+        _ => Ordering::Equal,
+    });
+    dir_attrs.sort_by(|a, b| b.path.cmp(&a.path));
+    let mut actions = deletes;
+    actions.extend(creates);
+    Plan { actions, dir_attrs }
+}
+
+/// rsync-style itemized line (`rsync -i`) for one action.
+pub fn itemize(a: &Action) -> String {
+    let p = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match a {
+        Action::Create(e) => match e.kind {
+            Kind::File => format!(">f+++++++++ {} ({})", p(&e.path), human_bytes(e.size)),
+            Kind::Dir => format!("cd+++++++++ {}/", p(&e.path)),
+            Kind::Symlink => {
+                format!(
+                    "cL+++++++++ {} -> {}",
+                    p(&e.path),
+                    p(e.target.as_deref().unwrap_or_default())
+                )
+            }
+        },
+        Action::Update {
+            entry,
+            old_size,
+            changes,
+        } => format!(
+            ">f{}{}{}{}{}.... {} ({} -> {})",
+            if changes.content && !changes.size {
+                'c'
+            } else {
+                '.'
+            },
+            if changes.size { 's' } else { '.' },
+            if changes.mtime { 't' } else { '.' },
+            if changes.mode { 'p' } else { '.' },
+            if changes.owner { 'o' } else { '.' },
+            p(&entry.path),
+            human_bytes(*old_size),
+            human_bytes(entry.size)
+        ),
+        Action::Attrs { entry, changes } => format!(
+            ".{}..{}{}{}.... {}",
+            if entry.kind == Kind::Symlink {
+                'L'
+            } else {
+                'f'
+            },
+            if changes.mtime { 't' } else { '.' },
+            if changes.mode { 'p' } else { '.' },
+            if changes.owner { 'o' } else { '.' },
+            p(&entry.path)
+        ),
+        Action::Relink { entry, .. } => {
+            format!(
+                "cL.......... {} -> {}",
+                p(&entry.path),
+                p(entry.target.as_deref().unwrap_or_default())
+            )
+        }
+        Action::Delete { path, kind, .. } => {
+            format!(
+                "*deleting   {}{}",
+                p(path),
+                if *kind == Kind::Dir { "/" } else { "" }
+            )
+        }
+    }
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(path: &str, size: u64, mtime: i64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: Kind::File,
+            size,
+            attrs: Attrs {
+                mode: 0o644,
+                mtime_sec: mtime,
+                ..Attrs::default()
+            },
+            target: None,
+            hash: None,
+        }
+    }
+
+    fn d(path: &str) -> Entry {
+        Entry {
+            kind: Kind::Dir,
+            attrs: Attrs {
+                mode: 0o755,
+                ..Attrs::default()
+            },
+            ..f(path, 0, 0)
+        }
+    }
+
+    fn opts() -> PlanOptions {
+        PlanOptions {
+            checksum: false,
+            owners: false,
+            delete: true,
+        }
+    }
+
+    #[test]
+    fn creates_updates_and_deletes() {
+        let src = vec![d("a"), f("a/new", 5, 1), f("a/same", 3, 1), f("a/x", 9, 2)];
+        let dst = vec![
+            d("a"),
+            f("a/gone", 1, 1),
+            f("a/same", 3, 1),
+            f("a/x", 9, 1),
+            d("z"),
+            f("z/q", 1, 1),
+        ];
+        let p = plan(&src, &dst, opts());
+        let lines: Vec<String> = p.actions.iter().map(itemize).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "*deleting   z/q",
+                "*deleting   z/",
+                "*deleting   a/gone",
+                ">f+++++++++ a/new (5 B)",
+                ">f..t...... a/x (9 B -> 9 B)",
+            ]
+        );
+        assert_eq!(p.totals().deleted, 3);
+        assert!(p.dir_attrs.is_empty());
+    }
+
+    #[test]
+    fn no_delete_keeps_extras_but_replaces_kinds() {
+        let src = vec![f("k", 1, 1)];
+        let dst = vec![d("k"), f("k/in", 1, 1), f("extra", 1, 1)];
+        let p = plan(
+            &src,
+            &dst,
+            PlanOptions {
+                delete: false,
+                ..opts()
+            },
+        );
+        let lines: Vec<String> = p.actions.iter().map(itemize).collect();
+        // Without --delete the extra survives; the directory `k` in the way
+        // of the file `k` is emptied and removed, as rsync does.
+        assert_eq!(
+            lines,
+            vec!["*deleting   k/in", "*deleting   k/", ">f+++++++++ k (1 B)"]
+        );
+    }
+
+    #[test]
+    fn checksum_mode_ignores_mtime_for_content() {
+        let mut a = f("x", 3, 1);
+        a.hash = Some([1; 32]);
+        let mut b = f("x", 3, 2);
+        b.hash = Some([1; 32]);
+        let p = plan(
+            &[a.clone()],
+            &[b.clone()],
+            PlanOptions {
+                checksum: true,
+                ..opts()
+            },
+        );
+        assert!(matches!(p.actions[..], [Action::Attrs { .. }]));
+        b.hash = Some([2; 32]);
+        b.attrs.mtime_sec = 1;
+        let p = plan(
+            &[a],
+            &[b],
+            PlanOptions {
+                checksum: true,
+                ..opts()
+            },
+        );
+        assert_eq!(itemize(&p.actions[0]), ">fc........ x (3 B -> 3 B)");
+    }
+
+    #[test]
+    fn dir_attrs_deepest_first() {
+        let src = vec![d("a"), d("a/b"), d("c")];
+        let p = plan(&src, &[], opts());
+        let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(order, vec![&b"c"[..], b"a/b", b"a"]);
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}
