@@ -39,16 +39,15 @@ const MAX_SIGNATURE: usize = 512 << 20;
 /// A file being written: its temp file, fed directly or through a delta
 /// applier, and what it must hash to.
 enum Writing {
+    /// The temp file hashes what it is given.
     Whole {
         id: u64,
-        temp: TempFile,
-        hasher: blake3::Hasher,
-        size: u64,
+        temp: Box<TempFile>,
         attrs: wire::Attrs,
     },
     Delta {
         id: u64,
-        applier: delta::Applier<TempFile>,
+        applier: Box<delta::Applier<TempFile>>,
         attrs: wire::Attrs,
     },
     /// The write failed; the rest of this file's frames are discarded.
@@ -243,7 +242,18 @@ impl<W: Write> Session<W> {
                 let r = if recursive {
                     root.remove(&path)
                 } else {
-                    root.remove_if_empty(&path)
+                    match root.remove_if_empty(&path) {
+                        // A directory that still holds excluded files stays, as
+                        // with rsync; if something must take its place, that
+                        // create fails and says so.
+                        Err(e)
+                            if e.io_error().and_then(io::Error::raw_os_error)
+                                == Some(libc::ENOTEMPTY) =>
+                        {
+                            Ok(())
+                        }
+                        r => r,
+                    }
                 };
                 self.reply(id, r)?;
             }
@@ -297,11 +307,6 @@ impl<W: Write> Session<W> {
                 })
             }
         };
-        let root_path = self
-            .root
-            .as_ref()
-            .map(|(p, _)| p.clone())
-            .ok_or_else(|| AgentError::Refused("Scan before Hello".into()))?;
         if cleanup {
             if let Err(e) = self.root()?.remove_leftovers() {
                 return self.send(&fs_fail(id, &e));
@@ -309,7 +314,7 @@ impl<W: Write> Session<W> {
         }
         let exclude =
             |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
-        match fsroot::scan(&root_path, &exclude, checksum) {
+        match self.root()?.scan(&exclude, checksum) {
             Ok(scan) => {
                 let entries: Vec<wire::Entry> =
                     scan.entries.into_iter().map(to_wire_entry).collect();
@@ -382,15 +387,13 @@ impl<W: Write> Session<W> {
                 let base = root.open_read(path)?;
                 Ok(Writing::Delta {
                     id,
-                    applier: delta::Applier::new(base, temp),
+                    applier: Box::new(delta::Applier::new(base, temp)),
                     attrs,
                 })
             } else {
                 Ok(Writing::Whole {
                     id,
-                    temp,
-                    hasher: blake3::Hasher::new(),
-                    size: 0,
+                    temp: Box::new(temp),
                     attrs,
                 })
             }
@@ -407,15 +410,7 @@ impl<W: Write> Session<W> {
 
     fn data(&mut self, id: u64, bytes: &[u8]) -> Result<(), AgentError> {
         let result = match &mut self.writing {
-            Some(Writing::Whole {
-                id: wid,
-                temp,
-                hasher,
-                size,
-                ..
-            }) if *wid == id => {
-                hasher.update(bytes);
-                *size += bytes.len() as u64;
+            Some(Writing::Whole { id: wid, temp, .. }) if *wid == id => {
                 temp.write_all(bytes).map_err(|e| e.to_string())
             }
             Some(Writing::Delta {
@@ -458,17 +453,23 @@ impl<W: Write> Session<W> {
             )));
         }
         let superuser = self.superuser;
-        let (temp, got_size, got_hash, attrs) = match w {
+        let (got_size, got_hash, temp, attrs) = match w {
             Writing::Failed { .. } => return Ok(()), // already answered
             Writing::Whole {
-                temp,
-                hasher,
-                size,
-                attrs,
-                ..
-            } => (temp, size, *hasher.finalize().as_bytes(), attrs),
+                mut temp, attrs, ..
+            } => {
+                // Flush first: the hash covers what reached the file.
+                if let Err(e) = temp.flush() {
+                    return self.send(&Msg::Fail {
+                        id,
+                        mismatch: false,
+                        message: e.to_string(),
+                    });
+                }
+                (temp.bytes_written(), temp.hash(), *temp, attrs)
+            }
             Writing::Delta { applier, attrs, .. } => match applier.finish() {
-                Ok((size, hash, temp)) => (temp, size, hash, attrs),
+                Ok((size, hash, temp)) => (size, hash, temp, attrs),
                 Err(e) => {
                     return self.send(&Msg::Fail {
                         id,

@@ -153,6 +153,9 @@ fn mirror_follows_every_kind_of_change() {
     symlink("/nonexistent/target", src.join("dangling")).unwrap();
     std::fs::set_permissions(src.join("a.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(src.join("dir/sub"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    // Owners are carried when both sides run as root (the tests do).
+    std::os::unix::fs::chown(src.join("dir/b.bin"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(src.join("link"), Some(4321), Some(8765)).unwrap();
     // Something on the standby the primary does not have.
     write(dst, "stale/old.txt", b"old");
     sync(&cfg, &[]).code(0);
@@ -303,4 +306,192 @@ fn max_delete_stops_before_deleting_anything() {
     assert_eq!(snapshot(dst).len(), 5, "something was deleted or created");
     sync(&cfg, &["--max-delete", "5"]).code(0);
     assert_same_tree(&s.roots[0], dst);
+}
+
+/// The same trees and patterns through real rsync (over OpenSSH, to the
+/// same sshd) and through hasync give identical standby trees.
+#[test]
+fn same_result_as_rsync() {
+    let c = crate::harness::cluster();
+    let mut s = files_only("sync-vs-rsync");
+    let excludes = [
+        "/repository/.system.key",
+        "/logs/",
+        "*.tmp",
+        "cache/",
+        "/a/*/c",
+        "deep/**/x",
+    ];
+    s.excludes = excludes.iter().map(|e| e.to_string()).collect();
+    let by_rsync = s.dir.join("by-rsync");
+    let src = s.roots[0].clone();
+    // The tree: OpenKM-like, plus names that exercise each pattern.
+    write(&src, "repository/.system.key", b"k");
+    write(&src, "repository/store/ab/cd/doc1.bin", &vec![3u8; 70_000]);
+    write(&src, "repository/store/ab/ce/doc2.bin", b"doc2");
+    write(&src, "repository/logs/keep.txt", b"not the root logs");
+    write(&src, "logs/catalina.out", b"log");
+    write(&src, "x.tmp", b"t");
+    write(&src, "sub/y.tmp", b"t");
+    write(&src, "sub/cache/z", b"z");
+    write(&src, "a/b/c", b"anchored");
+    write(&src, "q/a/b/c", b"not anchored");
+    write(&src, "deep/1/2/x", b"x");
+    write(&src, "deep/x", b"x at depth 0 of deep");
+    write(&src, "sp ace/ünï/файл.txt", b"u");
+    symlink("../repository", src.join("sub/link")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::os::unix::fs::chown(src.join("sp ace/ünï/файл.txt"), Some(1000), Some(1000)).unwrap();
+    // Both standbys start alike, with extras: some excluded (must survive), some not.
+    let dst = &s.roots[1];
+    write(dst, "repository/.system.key", b"standby key");
+    write(dst, "logs/standby.log", b"standby log");
+    write(dst, "old.txt", b"old");
+    write(dst, "olddir/keep.tmp", b"excluded inside a deleted dir");
+    write(dst, "olddir/gone.txt", b"gone");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dst)
+        .arg(&by_rsync)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let cfg = s.write();
+    let mut rsync = std::process::Command::new("rsync");
+    rsync.args(["-a", "--delete"]);
+    for e in excludes {
+        rsync.arg(format!("--exclude={e}"));
+    }
+    let rsync_out = rsync
+        .arg("-e")
+        .arg(c.rsync_rsh("okm2"))
+        .arg(format!("{}/", src.display()))
+        .arg(format!(
+            "root@{}:{}/",
+            c.node("okm2").ip,
+            by_rsync.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        rsync_out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&rsync_out.stderr)
+    );
+    sync(&cfg, &[]).code(0);
+    assert_same_tree(&by_rsync, &s.roots[1]);
+    assert_eq!(
+        std::fs::read(s.roots[1].join("olddir/keep.tmp")).unwrap(),
+        b"excluded inside a deleted dir"
+    );
+}
+
+/// Kill the standby's agent while a file is being written: no half-written
+/// file under a real name; the next run cleans up and converges.
+#[test]
+fn killed_agent_leaves_no_half_written_file() {
+    let s = files_only("sync-killed");
+    let cfg = s.write();
+    let (src, dst) = (&s.roots[0], &s.roots[1]);
+    let mut big = vec![0u8; 96 << 20];
+    for (i, c) in big.chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    }
+    write(src, "big.bin", &big);
+    write(dst, "big.bin", b"the old content");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hasync"))
+        .args(["-c", &cfg.display().to_string(), "sync", "--files-only"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the temp file, then kill whoever holds it open (the standby's agent).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let victim = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file appeared"
+        );
+        let temps: Vec<_> = std::fs::read_dir(dst)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains(".hasync-")
+            })
+            .collect();
+        if let Some(t) = temps.first() {
+            if let Some(pid) = holder_of(t) {
+                break pid;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // SAFETY: plain kill(2) of a process we found holding our temp file.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "the run should fail");
+    assert!(
+        stderr.contains("okm2"),
+        "the error names the node: {stderr}"
+    );
+    // The real name holds the old content, whole.
+    assert_eq!(
+        std::fs::read(dst.join("big.bin")).unwrap(),
+        b"the old content"
+    );
+    // The next run removes the leftover temp and converges.
+    sync(&cfg, &[]).code(0);
+    assert_same_tree(src, dst);
+}
+
+/// The pid of a process that has `path` open.
+fn holder_of(path: &Path) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() == Some(path) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn checksum_mode_finds_same_size_same_mtime_changes() {
+    let s = files_only("sync-checksum");
+    let cfg = s.write();
+    let (src, dst) = (&s.roots[0], &s.roots[1]);
+    write(src, "f.txt", b"AAAA");
+    sync(&cfg, &[]).code(0);
+    // Same size and mtime, other content: invisible to size+mtime.
+    let m = std::fs::metadata(dst.join("f.txt")).unwrap();
+    write(dst, "f.txt", b"BBBB");
+    let t = libc::timespec {
+        tv_sec: m.mtime(),
+        tv_nsec: m.mtime_nsec(),
+    };
+    let c = std::ffi::CString::new(dst.join("f.txt").to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: valid path and times.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) },
+        0
+    );
+    sync(&cfg, &["--dry-run"]).code(0).stdout_has("update 0");
+    sync(&cfg, &["--checksum", "--dry-run"])
+        .code(0)
+        .stdout_has(">fc");
+    sync(&cfg, &["--checksum"]).code(0);
+    assert_eq!(std::fs::read(dst.join("f.txt")).unwrap(), b"AAAA");
 }
