@@ -1575,33 +1575,8 @@ impl Drop for TempFile {
 // Scan
 // ---------------------------------------------------------------------------
 
-/// What a manifest entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-}
-
-/// One path of a scanned tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Relative to the root, `/`-separated, raw bytes.
-    pub path: Vec<u8>,
-    pub kind: Kind,
-    /// Files: their size; symlinks: the target's length; directories: 0.
-    pub size: u64,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-    /// Permission bits including setuid/setgid/sticky, no type bits.
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// Symlinks: the target, as stored.
-    pub target: Option<Vec<u8>>,
-    /// Files, when scanned `with_hash`: BLAKE3 of the content.
-    pub hash: Option<[u8; 32]>,
-}
+// The scan produces the manifest entries the planner merge-joins.
+pub use crate::sync::manifest::{Attrs as EntryAttrs, Entry, Kind};
 
 /// Why the scan left a path out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1777,11 +1752,13 @@ fn entry_from_stat(path: Vec<u8>, kind: Kind, st: &libc::stat) -> Entry {
         } else {
             st.st_size as u64
         },
-        mtime_sec: st.st_mtime,
-        mtime_nsec: st.st_mtime_nsec as u32,
-        mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
+        attrs: EntryAttrs {
+            mtime_sec: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as u32,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        },
         target: None,
         hash: None,
     }
@@ -2045,11 +2022,7 @@ fn hash_files(root: BorrowedFd<'_>, scan: &mut Scan, threads: usize) -> Result<(
                     let e = &mut scan.entries[i];
                     let fresh = entry_from_stat(Vec::new(), Kind::File, &st);
                     e.size = len;
-                    e.mtime_sec = fresh.mtime_sec;
-                    e.mtime_nsec = fresh.mtime_nsec;
-                    e.mode = fresh.mode;
-                    e.uid = fresh.uid;
-                    e.gid = fresh.gid;
+                    e.attrs = fresh.attrs;
                     e.hash = Some(hash);
                 }
                 Hashed::Vanished => {
@@ -2846,12 +2819,12 @@ mod tests {
         let by = |p: &[u8]| s.entries.iter().find(|e| e.path == p).unwrap().clone();
         let a = by(b"a.txt");
         assert_eq!(a.size, 5);
-        assert_eq!(a.mode, 0o4751);
-        assert_eq!((a.mtime_sec, a.mtime_nsec), (1_700_000_000, 42));
+        assert_eq!(a.attrs.mode, 0o4751);
+        assert_eq!((a.attrs.mtime_sec, a.attrs.mtime_nsec), (1_700_000_000, 42));
         assert_eq!(a.hash, Some(*blake3::hash(b"hello").as_bytes()));
         assert_eq!(a.target, None);
         let m = fs::metadata(root.join("a.txt")).unwrap();
-        assert_eq!((a.uid, a.gid), (m.uid(), m.gid()));
+        assert_eq!((a.attrs.uid, a.attrs.gid), (m.uid(), m.gid()));
         let z = by(b"a/z");
         assert_eq!(z.hash, Some(*blake3::hash(&vec![7u8; 3 << 20]).as_bytes()));
         assert_eq!(by(b"a/b/c").hash, Some(*blake3::hash(b"").as_bytes()));

@@ -316,8 +316,7 @@ impl<W: Write> Session<W> {
             |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
         match self.root()?.scan(&exclude, checksum) {
             Ok(scan) => {
-                let entries: Vec<wire::Entry> =
-                    scan.entries.into_iter().map(to_wire_entry).collect();
+                let entries: Vec<wire::Entry> = scan.entries;
                 for batch in entries.chunks(2048) {
                     self.send(&Msg::Entries {
                         id,
@@ -505,27 +504,6 @@ fn fs_attrs(a: &wire::Attrs, owner: Option<(u32, u32)>) -> fsroot::Attrs {
         mtime_sec: a.mtime_sec,
         mtime_nsec: a.mtime_nsec,
         owner,
-    }
-}
-
-fn to_wire_entry(e: fsroot::Entry) -> wire::Entry {
-    wire::Entry {
-        kind: match e.kind {
-            fsroot::Kind::File => wire::Kind::File,
-            fsroot::Kind::Dir => wire::Kind::Dir,
-            fsroot::Kind::Symlink => wire::Kind::Symlink,
-        },
-        size: e.size,
-        attrs: wire::Attrs {
-            mode: e.mode,
-            mtime_sec: e.mtime_sec,
-            mtime_nsec: e.mtime_nsec,
-            uid: e.uid,
-            gid: e.gid,
-        },
-        target: e.target,
-        hash: e.hash,
-        path: e.path,
     }
 }
 

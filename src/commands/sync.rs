@@ -86,9 +86,13 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             }
             output::stdout(&s);
         }
-        let verb = if args.dry_run { "would" } else { "did" };
+        let [create, update, attrs, delete] = if args.dry_run {
+            ["would create", "update", "change attributes of", "delete"]
+        } else {
+            ["created", "updated", "changed attributes of", "deleted"]
+        };
         let totals = format!(
-            "{} -> {}: {verb} create {} ({}), update {} ({}), change attributes of {}, delete {} ({})",
+            "{} -> {}: {create} {} ({}), {update} {} ({}), {attrs} {}, {delete} {} ({})",
             primary.name,
             standby.name,
             t.created,

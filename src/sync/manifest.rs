@@ -12,7 +12,7 @@ pub struct Attrs {
 }
 
 /// What a manifest entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     File,
     Dir,
@@ -22,10 +22,15 @@ pub enum Kind {
 /// One path of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// Relative to the root, `/`-separated, raw bytes (Linux names need not be UTF-8).
     pub path: Vec<u8>,
     pub kind: Kind,
+    /// Files: their size; symlinks: the target's length; directories: 0.
     pub size: u64,
+    /// Permission bits (with setuid/setgid/sticky, no type bits), mtime, owner.
     pub attrs: Attrs,
+    /// Symlinks: the target, as stored (never followed).
     pub target: Option<Vec<u8>>,
+    /// Files scanned with `--checksum`: BLAKE3 of the content.
     pub hash: Option<[u8; 32]>,
 }

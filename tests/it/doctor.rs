@@ -84,6 +84,42 @@ fn demo() {
     assert!(!r.stdout.contains("[FAIL]"));
     // The password file's content never shows.
     assert!(!r.stdout.contains(&c.db_password) && !r.stderr.contains(&c.db_password));
+
+    // A first replication of the file tree (the template excludes OpenKM's
+    // per-node key and logs).
+    let primary = &s.roots[0];
+    for (rel, content) in [
+        (
+            "repository/docs/report.pdf",
+            &b"%PDF-1.4 quarterly report"[..],
+        ),
+        ("repository/docs/notes.txt", b"notes"),
+        ("repository/.system.key", b"primary's own key"),
+        ("logs/catalina.out", b"primary's log"),
+        ("webapps/OpenKM.war", &[0u8; 100_000][..]),
+    ] {
+        crate::sync::write(primary, rel, content);
+    }
+    for args in [
+        &["sync", "--files-only", "--dry-run"][..],
+        &["sync", "--files-only"],
+    ] {
+        let r = hasync().config(&path).args(args).run();
+        println!(
+            "$ hasync -c {} {}\n{}{}",
+            path.display(),
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        r.code(0);
+    }
+    let standby = crate::sync::snapshot(&s.roots[1]);
+    assert!(
+        standby.contains_key("repository/docs/report.pdf")
+            && standby.contains_key("webapps/OpenKM.war")
+    );
+    assert!(!standby.contains_key("repository/.system.key") && !standby.contains_key("logs"));
 }
 
 #[test]

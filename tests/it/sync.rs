@@ -495,3 +495,25 @@ fn checksum_mode_finds_same_size_same_mtime_changes() {
     sync(&cfg, &["--checksum"]).code(0);
     assert_eq!(std::fs::read(dst.join("f.txt")).unwrap(), b"AAAA");
 }
+
+#[test]
+fn missing_agent_binary_says_how_to_install_it() {
+    let s = files_only("sync-no-agent");
+    let cfg = s.write();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // Only the standby lacks it.
+    let at = text.rfind(env!("CARGO_BIN_EXE_hasync")).unwrap();
+    let text = format!(
+        "{}/opt/none/hasync{}",
+        &text[..at],
+        &text[at + env!("CARGO_BIN_EXE_hasync").len()..]
+    );
+    std::fs::write(&cfg, text).unwrap();
+    write(&s.roots[0], "f", b"x");
+    sync(&cfg, &[])
+        .code(1)
+        .stderr_has("okm2")
+        .stderr_has("/opt/none/hasync")
+        .stderr_has("install hasync");
+    assert!(snapshot(&s.roots[1]).is_empty());
+}
