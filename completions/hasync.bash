@@ -87,12 +87,16 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__agent)
-            opts="-c -v -q -h --version --config --verbose --quiet --json --no-progress --help"
+            opts="-c -v -q -h --root --version --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

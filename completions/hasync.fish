@@ -76,6 +76,7 @@ complete -c hasync -n "__fish_hasync_using_subcommand man" -s q -l quiet -d 'Les
 complete -c hasync -n "__fish_hasync_using_subcommand man" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand man" -l no-progress -d 'No progress bars, even on a terminal'
 complete -c hasync -n "__fish_hasync_using_subcommand man" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -l root -d 'Serve only this root (refuse a session naming another one)' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -s c -l config -d 'The configuration file' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -l version -d 'Print the agent\'s version and protocol line and exit'
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -s v -l verbose -d 'More detail on stderr (repeat for more)'

@@ -124,6 +124,9 @@ pub struct ManArgs {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// Serve only this root (refuse a session naming another one).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
     /// Print the agent's version and protocol line and exit.
     #[arg(long = "version")]
     pub print_version: bool,

@@ -64,22 +64,35 @@ impl Writing {
 
 struct Session<W: Write> {
     out: W,
+    pinned_root: Option<PathBuf>,
     root: Option<(PathBuf, Root)>,
     superuser: bool,
     signatures: HashMap<u64, Vec<u8>>,
+    /// Bytes in `signatures`, all ids together (capped at MAX_SIGNATURE).
+    signature_bytes: usize,
     writing: Option<Writing>,
 }
 
 /// Serve one session on `input` / `output` until the client says Bye or
 /// closes the connection.
-pub fn serve(input: impl Read, output: impl Write) -> Result<(), AgentError> {
+///
+/// `pinned_root`: the only root this agent may serve (`hasync agent --root
+/// DIR`, which hasync always passes). With an SSH key restricted to that
+/// command in `authorized_keys`, a hostile peer cannot point the agent at `/`.
+pub fn serve(
+    input: impl Read,
+    output: impl Write,
+    pinned_root: Option<&Path>,
+) -> Result<(), AgentError> {
     let mut input = BufReader::with_capacity(CHUNK + 64, input);
     let mut s = Session {
         out: BufWriter::with_capacity(CHUNK + 64, output),
+        pinned_root: pinned_root.map(Path::to_path_buf),
         root: None,
         // SAFETY: geteuid has no preconditions.
         superuser: unsafe { libc::geteuid() } == 0,
         signatures: HashMap::new(),
+        signature_bytes: 0,
         writing: None,
     };
     let mut buf = Vec::new();
@@ -159,8 +172,20 @@ impl<W: Write> Session<W> {
                     )));
                 }
                 let path = PathBuf::from(std::ffi::OsStr::from_bytes_compat(&root));
-                let r = Root::open(&path)
-                    .map_err(|e| AgentError::Refused(format!("root {}: {e}", path.display())))?;
+                if let Some(pinned) = &self.pinned_root {
+                    if pinned != &path {
+                        return Err(AgentError::Refused(format!(
+                            "this agent serves only {} (--root), not {}",
+                            pinned.display(),
+                            fsroot::PathBytes(root.clone())
+                        )));
+                    }
+                }
+                let r = Root::open(&path).map_err(|e| {
+                    // Shortened: the peer may send megabytes of root.
+                    let shown = fsroot::PathBytes(root.clone());
+                    AgentError::Refused(format!("root {shown}: {e}"))
+                })?;
                 self.root = Some((path, r));
                 self.send(&Msg::Welcome {
                     protocol: version::PROTOCOL,
@@ -194,6 +219,7 @@ impl<W: Write> Session<W> {
             Msg::Data { id, bytes } => self.data(id, &bytes)?,
             Msg::DeltaReq { id, path } => {
                 let sig = self.signatures.remove(&id).unwrap_or_default();
+                self.signature_bytes -= sig.len();
                 self.read_out(id, &path, Some(&sig))?;
             }
             Msg::ReadReq { id, path } => self.read_out(id, &path, None)?,
@@ -272,7 +298,8 @@ impl<W: Write> Session<W> {
             }
             other => {
                 return Err(AgentError::Refused(format!(
-                    "unexpected message from the client: {other:?}"
+                    "unexpected message from the client: {}",
+                    other.kind()
                 )));
             }
         }
@@ -417,14 +444,19 @@ impl<W: Write> Session<W> {
             }) if *wid == id => applier.push(bytes).map_err(|e| e.to_string()),
             Some(Writing::Failed { id: wid }) if *wid == id => Ok(()),
             _ => {
-                // Signature chunks for a coming DeltaReq.
-                let sig = self.signatures.entry(id).or_default();
-                if sig.len() + bytes.len() > MAX_SIGNATURE {
+                // Signature chunks for a coming DeltaReq: capped for the
+                // session, not per id (ids are the peer's to choose).
+                self.root()?;
+                if self.signature_bytes + bytes.len() > MAX_SIGNATURE {
                     return Err(AgentError::Refused(format!(
-                        "signature for request {id} exceeds {MAX_SIGNATURE} bytes"
+                        "signature data (request {id}) exceeds {MAX_SIGNATURE} bytes"
                     )));
                 }
-                sig.extend_from_slice(bytes);
+                self.signature_bytes += bytes.len();
+                self.signatures
+                    .entry(id)
+                    .or_default()
+                    .extend_from_slice(bytes);
                 Ok(())
             }
         };

@@ -22,6 +22,22 @@ pub use crate::sync::manifest::{Attrs, Entry, Kind};
 pub const MAX_FRAME: usize = 4 << 20;
 /// The size of data chunks in file and delta streams.
 pub const CHUNK: usize = 256 << 10;
+/// The longest `Fail` or `Fatal` message sent; longer ones are cut. Messages
+/// quote what the peer sent (paths, its own messages), and an answer must
+/// never be a frame the peer refuses.
+pub const MAX_MESSAGE: usize = 16 << 10;
+
+/// `s` cut to [`MAX_MESSAGE`] bytes at a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_MESSAGE {
+        return s;
+    }
+    let mut end = MAX_MESSAGE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +283,32 @@ impl<'a> Dec<'a> {
 }
 
 impl Msg {
+    /// The message's name, for errors (never its content, which may be
+    /// megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Welcome { .. } => "Welcome",
+            Msg::Scan { .. } => "Scan",
+            Msg::Entries { .. } => "Entries",
+            Msg::SigReq { .. } => "SigReq",
+            Msg::DeltaReq { .. } => "DeltaReq",
+            Msg::ReadReq { .. } => "ReadReq",
+            Msg::Begin { .. } => "Begin",
+            Msg::Data { .. } => "Data",
+            Msg::End { .. } => "End",
+            Msg::Mkdir { .. } => "Mkdir",
+            Msg::Symlink { .. } => "Symlink",
+            Msg::Delete { .. } => "Delete",
+            Msg::SetAttrs { .. } => "SetAttrs",
+            Msg::Sync { .. } => "Sync",
+            Msg::Done { .. } => "Done",
+            Msg::Fail { .. } => "Fail",
+            Msg::Fatal { .. } => "Fatal",
+            Msg::Bye => "Bye",
+        }
+    }
+
     /// Encode as one frame, header included.
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc(Vec::with_capacity(64));
@@ -433,11 +475,11 @@ impl Msg {
                 e.u8(T_FAIL);
                 e.u64(*id);
                 e.u8(u8::from(*mismatch));
-                e.str(message);
+                e.str(clip(message));
             }
             Msg::Fatal { message } => {
                 e.u8(T_FATAL);
-                e.str(message);
+                e.str(clip(message));
             }
             Msg::Bye => e.u8(T_BYE),
         }

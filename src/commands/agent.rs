@@ -12,6 +12,10 @@ pub fn run(args: &AgentArgs) -> Result<Exit> {
         return Ok(Exit::Ok);
     }
     // stdin/stdout carry the protocol; stderr reaches the caller's error messages.
-    hasync::agent::serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+    hasync::agent::serve(
+        std::io::stdin().lock(),
+        std::io::stdout().lock(),
+        args.root.as_deref(),
+    )?;
     Ok(Exit::Ok)
 }

@@ -53,7 +53,7 @@ impl Conn {
         let b2 = b.try_clone()?;
         let handle = std::thread::Builder::new()
             .name(format!("agent-{node}"))
-            .spawn(move || crate::agent::serve(b, b2))?;
+            .spawn(move || crate::agent::serve(b, b2, None))?;
         let reader = a.try_clone()?;
         Ok(Conn {
             node: node.to_string(),
@@ -83,7 +83,11 @@ impl Conn {
             node: node.name.clone(),
             message: e.to_string(),
         })?;
-        let cmd = format!("{} agent", transport::shell_quote(&node.agent_path));
+        let cmd = format!(
+            "{} agent --root {}",
+            transport::shell_quote(&node.agent_path),
+            transport::shell_quote(&node.root)
+        );
         let mut p = t.spawn(&cmd).map_err(|e| SyncError::Agent {
             node: node.name.clone(),
             message: format!("cannot start `{cmd}`: {e}"),

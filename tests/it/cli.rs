@@ -220,3 +220,37 @@ fn every_template_parses() {
     }
     assert!(seen >= 1);
 }
+
+#[test]
+fn agent_pinned_to_a_root_refuses_another() {
+    use hasync::agent::wire::{self, Msg};
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hasync"))
+        .args(["agent", "--root"])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hello = Msg::Hello {
+        protocol: hasync::version::PROTOCOL,
+        version: "x".into(),
+        root: b"/".to_vec(),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&hello.encode())
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reply = wire::recv(&mut out, &mut Vec::new()).unwrap();
+    match reply {
+        Some(Msg::Fatal { message }) => assert!(message.contains("serves only"), "{message}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+}

@@ -3,6 +3,7 @@
 //! binary; `harness` starts real sshd, MariaDB and PostgreSQL servers once
 //! per run and removes them at exit.
 
+mod agent_attacks;
 mod cli;
 mod cmd;
 mod config_errors;
