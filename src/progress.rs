@@ -21,9 +21,19 @@ pub struct Reporter {
     bytes: AtomicU64,
     started: Instant,
     last_line: Mutex<Instant>,
+    every: Duration,
 }
 
+/// How often a log line is written when stderr is not a terminal;
+/// `HASYNC_PROGRESS_EVERY` (e.g. "1s") overrides it.
 const LINE_EVERY: Duration = Duration::from_secs(10);
+
+fn line_every() -> Duration {
+    std::env::var("HASYNC_PROGRESS_EVERY")
+        .ok()
+        .and_then(|v| hasync::config::duration::parse_duration(&v).ok())
+        .unwrap_or(LINE_EVERY)
+}
 
 impl Reporter {
     /// Bars when stderr is a terminal and progress is wanted; log lines when
@@ -51,6 +61,7 @@ impl Reporter {
             bytes: AtomicU64::new(0),
             started: Instant::now(),
             last_line: Mutex::new(Instant::now()),
+            every: line_every(),
         }
     }
 
@@ -107,7 +118,7 @@ impl Progress for Reporter {
             b.set_message(format!("{f}/{}", self.files_total.load(Ordering::Relaxed)));
         } else if self.lines {
             let mut last = self.last_line.lock().expect("progress lock");
-            if last.elapsed() >= LINE_EVERY {
+            if last.elapsed() >= self.every {
                 *last = Instant::now();
                 drop(last);
                 self.line();

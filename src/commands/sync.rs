@@ -109,12 +109,15 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             let s = &outcome.summary;
             log.info(&totals);
             log.info(&format!(
-                "{}: literal {} matched {}, wire {} sent {} received, {} resent, scan {:.1}s transfer {:.1}s, total {:.1}s",
+                "{}: literal {} matched {}, wire {} sent {} received, speedup {:.1}, {} resent, scan {:.1}s transfer {:.1}s, total {:.1}s",
                 standby.name,
                 human_bytes(s.literal_bytes),
                 human_bytes(s.matched_bytes),
                 human_bytes(s.wire_sent),
                 human_bytes(s.wire_received),
+                // As rsync reports it: the bytes the standby now holds anew
+                // per byte that crossed the wire.
+                (t.created_bytes + t.updated_bytes) as f64 / (s.wire_sent + s.wire_received).max(1) as f64,
                 s.resent,
                 s.scan_secs,
                 s.transfer_secs,

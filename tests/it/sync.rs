@@ -517,3 +517,33 @@ fn missing_agent_binary_says_how_to_install_it() {
         .stderr_has("install hasync");
     assert!(snapshot(&s.roots[1]).is_empty());
 }
+
+#[test]
+fn progress_is_logged_in_plain_lines_without_a_terminal() {
+    let s = files_only("sync-progress");
+    let cfg = s.write();
+    for i in 0..30 {
+        write(&s.roots[0], &format!("f{i}"), &vec![i as u8; 50_000]);
+    }
+    let r = hasync()
+        .config(&cfg)
+        .env("HASYNC_PROGRESS_EVERY", "1ms")
+        .args(["sync", "--files-only"])
+        .run();
+    r.code(0)
+        .stderr_has("okm2: ")
+        .stderr_has("changes,")
+        .stderr_has("/s");
+    r.stderr_has("created 30 (1.4 MiB)")
+        .stderr_has("literal 1.4 MiB matched 0 B")
+        .stderr_has("speedup");
+    // -q: only warnings and errors.
+    write(&s.roots[0], "g", b"x");
+    let r = hasync()
+        .config(&cfg)
+        .env("HASYNC_PROGRESS_EVERY", "1ms")
+        .args(["-q", "sync", "--files-only"])
+        .run();
+    r.code(0);
+    assert!(r.stderr.is_empty(), "-q printed: {}", r.stderr);
+}
