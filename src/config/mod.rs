@@ -71,9 +71,25 @@ pub struct Node {
     pub initial_role: Role,
     /// The hasync binary on the node, run as `<agent_path> agent`.
     pub agent_path: String,
+    /// Which SSH client carries the agent's bulk stream.
+    pub ssh_client: SshClient,
     pub service: Option<Service>,
     /// The `[database]` settings with this node's overrides applied.
     pub database: Option<Database>,
+}
+
+/// Which SSH implementation carries file data to and from a node's agent.
+/// Control work (commands, tunnels, SFTP) always uses the built-in client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SshClient {
+    /// OpenSSH's `ssh` when it is on PATH (about 3x faster), else built-in.
+    Auto,
+    /// The system `ssh` client, with strict host key checking against the
+    /// node's known_hosts.
+    Openssh,
+    /// The built-in libssh2 client.
+    Libssh2,
 }
 
 /// How to stop, start and query the application on a node.

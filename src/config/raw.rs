@@ -17,6 +17,7 @@ use super::duration::parse_duration;
 use super::error::{did_you_mean, ConfigError, ConfigErrors};
 use super::{
     check_identifier, expand_tilde, Config, Database, Engine, Files, Hooks, Node, Role, Service,
+    SshClient,
 };
 use crate::schedule::cron::CronSchedule;
 use crate::transport::{Address, Endpoint};
@@ -56,6 +57,7 @@ struct RawNode {
     state_dir: Option<Spanned<String>>,
     role: Option<Spanned<Role>>,
     agent_path: Option<Spanned<String>>,
+    ssh_client: Option<SshClient>,
     service: Option<RawService>,
     database: Option<RawNodeDatabase>,
 }
@@ -645,6 +647,7 @@ fn check_node(
         state_dir,
         initial_role,
         agent_path,
+        ssh_client: n.ssh_client.unwrap_or(SshClient::Auto),
         service,
         database,
     }

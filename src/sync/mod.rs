@@ -88,7 +88,17 @@ impl Conn {
             transport::shell_quote(&node.agent_path),
             transport::shell_quote(&node.root)
         );
-        let mut p = t.spawn(&cmd).map_err(|e| SyncError::Agent {
+        let openssh = match node.ssh_client {
+            crate::config::SshClient::Libssh2 => false,
+            crate::config::SshClient::Openssh => true,
+            crate::config::SshClient::Auto => transport::openssh::available(),
+        };
+        let spawned = if openssh {
+            transport::openssh::spawn_openssh(&node.endpoint, &cmd)
+        } else {
+            t.spawn(&cmd)
+        };
+        let mut p = spawned.map_err(|e| SyncError::Agent {
             node: node.name.clone(),
             message: format!("cannot start `{cmd}`: {e}"),
         })?;

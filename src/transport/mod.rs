@@ -27,6 +27,7 @@
 
 mod known_hosts;
 mod local;
+pub mod openssh;
 mod pump;
 mod ssh;
 

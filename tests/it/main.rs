@@ -11,5 +11,6 @@ mod doctor;
 mod filter_rsync;
 mod harness;
 mod harness_selftest;
+mod openssh;
 mod setup;
 mod sync;

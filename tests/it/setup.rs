@@ -27,6 +27,8 @@ pub struct Setup {
     /// `[files] exclude` and `max_delete`.
     pub excludes: Vec<String>,
     pub max_delete: Option<u64>,
+    /// `ssh_client` of both nodes (None: the default, auto).
+    pub ssh_client: Option<&'static str>,
     _guard: Guard,
 }
 
@@ -60,6 +62,7 @@ impl Setup {
             dir,
             excludes: Vec::new(),
             max_delete: None,
+            ssh_client: None,
             _guard: guard,
         }
     }
@@ -80,6 +83,7 @@ root = "{root}"
 state_dir = "{state}"
 role = "{role}"
 agent_path = "{agent}"
+{ssh_client}
 
 [nodes.{name}.service]
 stop = "{stop}"
@@ -96,6 +100,10 @@ timeout = "30s"
                 state = self.state_dirs[i].display(),
                 role = if i == 0 { "primary" } else { "standby" },
                 agent = env!("CARGO_BIN_EXE_hasync"),
+                ssh_client = self
+                    .ssh_client
+                    .map(|c| format!("ssh_client = {c:?}"))
+                    .unwrap_or_default(),
                 stop = n.app.stop_cmd(),
                 start = n.app.start_cmd(),
                 status = n.app.status_cmd(),

@@ -200,7 +200,18 @@ fn mirror_follows_every_kind_of_change() {
 
 #[test]
 fn dry_run_changes_nothing_and_matches_the_run() {
-    let s = files_only("sync-dry-run");
+    dry_run_matches_run(files_only("sync-dry-run"));
+}
+
+/// The same over the built-in libssh2 client instead of OpenSSH's `ssh`.
+#[test]
+fn dry_run_matches_run_over_libssh2() {
+    let mut s = files_only("sync-dry-run-libssh2");
+    s.ssh_client = Some("libssh2");
+    dry_run_matches_run(s);
+}
+
+fn dry_run_matches_run(s: Setup) {
     let cfg = s.write();
     let (src, dst) = (&s.roots[0], &s.roots[1]);
     for i in 0..20 {
