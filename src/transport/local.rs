@@ -31,6 +31,23 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Pipe capacity asked for, for fewer context switches when streaming.
 const PIPE_SIZE: libc::c_int = 1024 * 1024;
 
+/// Grow a child's stdin and stdout pipes to [`PIPE_SIZE`]: fewer wakeups per
+/// GiB streamed. Failure is harmless (the default size still works).
+pub(crate) fn enlarge_pipes(child: &std::process::Child) {
+    for fd in [
+        child.stdin.as_ref().map(|p| p.as_raw_fd()),
+        child.stdout.as_ref().map(|p| p.as_raw_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: fcntl on a pipe descriptor the child handle owns.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE);
+        }
+    }
+}
+
 /// The machine hasync runs on.
 pub struct LocalTransport {
     node: String,
@@ -57,18 +74,7 @@ impl LocalTransport {
                 command: shorten(command),
                 detail: io_text(&e),
             })?;
-        for fd in [
-            child.stdin.as_ref().map(|p| p.as_raw_fd()),
-            child.stdout.as_ref().map(|p| p.as_raw_fd()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            // SAFETY: fcntl on a pipe descriptor we own; failure is harmless.
-            unsafe {
-                libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE);
-            }
-        }
+        enlarge_pipes(&child);
         Ok(child)
     }
 }

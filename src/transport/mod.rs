@@ -249,6 +249,15 @@ impl fmt::Debug for Tunnel {
     }
 }
 
+/// `host:port`, with an IPv6 host in brackets.
+pub(crate) fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Quote a string for a POSIX shell. Every command hasync builds uses this.
 ///
 /// Words made only of characters no shell treats specially come back as they

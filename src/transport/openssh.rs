@@ -47,7 +47,6 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -97,8 +96,6 @@ const SERVER_ALIVE_COUNT_MAX: u32 = 4;
 const MIN_OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound for the second connection that kills a remote process group.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pipe capacity asked for, for fewer context switches when streaming.
-const PIPE_SIZE: libc::c_int = 1024 * 1024;
 /// How much stderr may come before the pgid marker (ssh warnings, login
 /// shell noise) before we stop looking for it.
 const MARKER_SEARCH_LIMIT: usize = 64 * 1024;
@@ -125,18 +122,7 @@ pub fn spawn_openssh(endpoint: &Endpoint, command: &str) -> Result<Process, Tran
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| target.start_error(command, &e))?;
-    for fd in [
-        child.stdin.as_ref().map(|p| p.as_raw_fd()),
-        child.stdout.as_ref().map(|p| p.as_raw_fd()),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        // SAFETY: fcntl on a pipe descriptor we own; failure is harmless.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE);
-        }
-    }
+    super::local::enlarge_pipes(&child);
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let err_pipe = child.stderr.take().expect("piped");
@@ -246,11 +232,7 @@ impl Target {
     }
 
     fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        super::host_port(&self.host, self.port)
     }
 
     /// How long `ssh` may take to run the command: the TCP connect, then

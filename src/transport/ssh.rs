@@ -245,11 +245,7 @@ impl Transport for SshTransport {
 
 impl Shared {
     fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        super::host_port(&self.host, self.port)
     }
 
     fn op_timeout(&self) -> Duration {
