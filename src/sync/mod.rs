@@ -692,6 +692,10 @@ fn execute(
                     _ => continue,
                 };
                 let mut st = st1.lock().expect("state lock");
+                if st.fatal.is_some() {
+                    // The run has failed: drain the source, write nothing more.
+                    continue;
+                }
                 let Some(job) = st.jobs.get_mut(&id) else {
                     continue;
                 };
