@@ -249,9 +249,37 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
         (Action::Delete { path: p, .. }, Action::Delete { path: q, .. }) => q.cmp(p),
         _ => Ordering::Equal,
     });
-    dir_attrs.sort_by(|a, b| b.path.cmp(&a.path));
     let mut actions = deletes;
     actions.extend(creates);
+    // Writing into a directory changes its mtime: every directory that gets
+    // an entry created, replaced or deleted has its attributes set again
+    // afterwards (rsync does the same).
+    let src_dirs: std::collections::HashMap<&[u8], &Entry> = src
+        .iter()
+        .filter(|e| e.kind == Kind::Dir)
+        .map(|e| (&e.path[..], e))
+        .collect();
+    let mut queued: std::collections::HashSet<Vec<u8>> =
+        dir_attrs.iter().map(|e| e.path.clone()).collect();
+    for a in &actions {
+        let path = match a {
+            Action::Create(e)
+            | Action::Update { entry: e, .. }
+            | Action::Relink { entry: e, .. } => &e.path,
+            Action::Delete { path, .. } => path,
+            Action::Attrs { .. } => continue,
+        };
+        let Some(slash) = path.iter().rposition(|b| *b == b'/') else {
+            continue;
+        };
+        let parent = &path[..slash];
+        if let Some(dir) = src_dirs.get(parent) {
+            if queued.insert(parent.to_vec()) {
+                dir_attrs.push((*dir).clone());
+            }
+        }
+    }
+    dir_attrs.sort_by(|a, b| b.path.cmp(&a.path));
     Plan { actions, dir_attrs }
 }
 
@@ -396,7 +424,9 @@ mod tests {
             ]
         );
         assert_eq!(p.totals().deleted, 3);
-        assert!(p.dir_attrs.is_empty());
+        // `a` changed inside; `z` goes entirely.
+        let dirs: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(dirs, vec![&b"a"[..]]);
     }
 
     #[test]
@@ -454,6 +484,17 @@ mod tests {
         let p = plan(&src, &[], opts());
         let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
         assert_eq!(order, vec![&b"c"[..], b"a/b", b"a"]);
+    }
+
+    #[test]
+    fn parents_of_changes_get_their_mtime_back() {
+        // `a` and `a/b` are unchanged, but a file appears in `a/b` and one
+        // goes from `a`: writing there changes their mtimes, so both are reset.
+        let src = vec![d("a"), d("a/b"), f("a/b/new", 1, 1), d("c")];
+        let dst = vec![d("a"), d("a/b"), f("a/old", 1, 1), d("c")];
+        let p = plan(&src, &dst, opts());
+        let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(order, vec![&b"a/b"[..], b"a"]);
     }
 
     #[test]

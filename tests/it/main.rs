@@ -4,6 +4,7 @@
 //! per run and removes them at exit.
 
 mod agent_attacks;
+mod bench;
 mod cli;
 mod cmd;
 mod config_errors;
