@@ -79,10 +79,6 @@ impl Conn {
                 message: format!("cannot start the local agent: {e}"),
             });
         }
-        let t = transport::connect(&node.endpoint).map_err(|e| SyncError::Agent {
-            node: node.name.clone(),
-            message: e.to_string(),
-        })?;
         let cmd = format!(
             "{} agent --root {}",
             transport::shell_quote(&node.agent_path),
@@ -93,10 +89,22 @@ impl Conn {
             crate::config::SshClient::Openssh => true,
             crate::config::SshClient::Auto => transport::openssh::available(),
         };
-        let spawned = if openssh {
-            transport::openssh::spawn_openssh(&node.endpoint, &cmd)
+        let agent_err = |e: transport::TransportError| SyncError::Agent {
+            node: node.name.clone(),
+            message: e.to_string(),
+        };
+        // OpenSSH verifies the host key itself (strictly, against the same
+        // known_hosts, re-checked with libssh2 on refusal for the message),
+        // so no built-in session is opened then: one handshake, not two.
+        let (session, spawned) = if openssh {
+            (
+                None,
+                transport::openssh::spawn_openssh(&node.endpoint, &cmd),
+            )
         } else {
-            t.spawn(&cmd)
+            let t = transport::connect(&node.endpoint).map_err(agent_err)?;
+            let p = t.spawn(&cmd);
+            (Some(t), p)
         };
         let mut p = spawned.map_err(|e| SyncError::Agent {
             node: node.name.clone(),
@@ -112,7 +120,7 @@ impl Conn {
             writer,
             finish: Box::new(move || {
                 // Keep the SSH session alive until the agent is done.
-                let _t = t;
+                let _session = session;
                 match p.wait() {
                     Ok(out) if out.status == 0 => None,
                     Ok(out) if out.status == 127 || out.status == 126 => Some(format!(

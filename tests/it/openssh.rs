@@ -200,12 +200,13 @@ fn openssh_reports_a_lost_connection() {
     let err = p.wait().unwrap_err();
     // SAFETY: as above; the orphaned sleep is ours to end.
     unsafe { libc::kill(sleeper as libc::pid_t, libc::SIGKILL) };
-    println!("{err}");
     assert!(
         matches!(err, TransportError::ConnectionLost { .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("closed by remote host"), "{err}");
+    // ssh words it "closed by remote host" or "send disconnect: Broken
+    // pipe", depending on which side of the race it sees first.
+    assert!(err.to_string().contains("connection was lost"), "{err}");
 }
 
 #[test]
