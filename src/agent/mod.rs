@@ -13,6 +13,7 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::sync::delta;
@@ -65,7 +66,7 @@ impl Writing {
 struct Session<W: Write> {
     out: W,
     pinned_root: Option<PathBuf>,
-    root: Option<(PathBuf, Root)>,
+    root: Option<Root>,
     superuser: bool,
     signatures: HashMap<u64, Vec<u8>>,
     /// Bytes in `signatures`, all ids together (capped at MAX_SIGNATURE).
@@ -147,7 +148,6 @@ impl<W: Write> Session<W> {
     fn root(&self) -> Result<&Root, AgentError> {
         self.root
             .as_ref()
-            .map(|(_, r)| r)
             .ok_or_else(|| AgentError::Refused("the client sent a request before Hello".into()))
     }
 
@@ -171,7 +171,7 @@ impl<W: Write> Session<W> {
                         version::PROTOCOL
                     )));
                 }
-                let path = PathBuf::from(std::ffi::OsStr::from_bytes_compat(&root));
+                let path = PathBuf::from(std::ffi::OsStr::from_bytes(&root));
                 if let Some(pinned) = &self.pinned_root {
                     if pinned != &path {
                         return Err(AgentError::Refused(format!(
@@ -186,7 +186,7 @@ impl<W: Write> Session<W> {
                     let shown = fsroot::PathBytes(root.clone());
                     AgentError::Refused(format!("root {shown}: {e}"))
                 })?;
-                self.root = Some((path, r));
+                self.root = Some(r);
                 self.send(&Msg::Welcome {
                     protocol: version::PROTOCOL,
                     version: version::VERSION.into(),
@@ -537,21 +537,4 @@ fn fs_attrs(a: &wire::Attrs, owner: Option<(u32, u32)>) -> fsroot::Attrs {
         mtime_nsec: a.mtime_nsec,
         owner,
     }
-}
-
-/// Bytes → OsStr without a UTF-8 detour (Linux file names are bytes).
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr;
-}
-
-impl FromBytesCompat for std::ffi::OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr {
-        use std::os::unix::ffi::OsStrExt;
-        std::ffi::OsStr::from_bytes(b)
-    }
-}
-
-/// The root the agent serves, for messages.
-pub fn describe_root(p: &Path) -> String {
-    p.display().to_string()
 }

@@ -670,7 +670,7 @@ fn execute(
         drop((to_src, to_dst));
         src.writer = src_w.join().expect("writer thread").0;
         dst.writer = dst_w.join().expect("writer thread").0;
-        return finish_dirs(dst, plan, progress);
+        return finish_dirs(dst, plan);
     }
 
     let result = std::thread::scope(|s| -> Result<(), SyncError> {
@@ -769,7 +769,7 @@ fn execute(
                         drop(st);
                         let _ = to_src2.send(frame(&Msg::Data { id, bytes }));
                     }
-                    Msg::Done { id, bytes } => {
+                    Msg::Done { id, .. } => {
                         let Some(job) = st.jobs.get(&id).cloned() else {
                             continue;
                         };
@@ -785,7 +785,6 @@ fn execute(
                             st.outstanding -= 1;
                             let done = st.outstanding == 0;
                             drop(st);
-                            let _ = bytes;
                             progress.done(
                                 &job.entry.path,
                                 if job.entry.kind == Kind::File {
@@ -904,7 +903,7 @@ fn execute(
             source: e.into(),
         });
     }
-    finish_dirs(dst, plan, progress)?;
+    finish_dirs(dst, plan)?;
     if let Some(first) = failures.first() {
         return Err(SyncError::Partial {
             node: dst.node.clone(),
@@ -916,7 +915,7 @@ fn execute(
     Ok(())
 }
 
-fn finish_dirs(dst: &mut Side, plan: &Plan, progress: &dyn Progress) -> Result<(), SyncError> {
+fn finish_dirs(dst: &mut Side, plan: &Plan) -> Result<(), SyncError> {
     let mut id = u64::MAX / 2;
     for e in &plan.dir_attrs {
         id += 1;
@@ -948,7 +947,6 @@ fn finish_dirs(dst: &mut Side, plan: &Plan, progress: &dyn Progress) -> Result<(
             _ => {}
         }
     }
-    let _ = progress;
     if let Some(first) = failures.first() {
         return Err(SyncError::Partial {
             node: dst.node.clone(),

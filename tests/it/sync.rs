@@ -111,29 +111,19 @@ pub fn write(root: &Path, rel: &str, content: &[u8]) {
     std::fs::write(p, content).unwrap();
 }
 
+/// Set a regular file's mtime.
+fn set_mtime(path: &Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(t))
+        .unwrap_or_else(|e| panic!("set mtime of {}: {e}", path.display()));
+}
+
 /// Set a file's mtime in the past so size+mtime detection sees a change.
-pub fn age(root: &Path, rel: &str, secs_ago: i64) {
-    let p = root.join(rel);
-    let c = std::ffi::CString::new(p.to_string_lossy().as_bytes()).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let t = libc::timespec {
-        tv_sec: now - secs_ago,
-        tv_nsec: 0,
-    };
-    let ts = [t, t];
-    // SAFETY: a valid C string and two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(rc, 0, "utimensat {}", p.display());
+pub fn age(root: &Path, rel: &str, secs_ago: u64) {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
+    set_mtime(&root.join(rel), t);
 }
 
 fn sync(config: &Path, extra: &[&str]) -> crate::cmd::Run {
@@ -521,16 +511,7 @@ fn checksum_mode_finds_same_size_same_mtime_changes() {
     // Same size and mtime, other content: invisible to size+mtime.
     let m = std::fs::metadata(dst.join("f.txt")).unwrap();
     write(dst, "f.txt", b"BBBB");
-    let t = libc::timespec {
-        tv_sec: m.mtime(),
-        tv_nsec: m.mtime_nsec(),
-    };
-    let c = std::ffi::CString::new(dst.join("f.txt").to_string_lossy().as_bytes()).unwrap();
-    // SAFETY: valid path and times.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) },
-        0
-    );
+    set_mtime(&dst.join("f.txt"), m.modified().unwrap());
     sync(&cfg, &["--dry-run"]).code(0).stdout_has("update 0");
     sync(&cfg, &["--checksum", "--dry-run"])
         .code(0)
