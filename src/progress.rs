@@ -133,3 +133,74 @@ impl Progress for Reporter {
         }
     }
 }
+
+/// Progress of the database phase: bytes of dump streamed and the rate (the
+/// dump's size is not known in advance, so a spinner, not a bar).
+pub struct DbReporter {
+    node: String,
+    bar: Option<ProgressBar>,
+    lines: bool,
+    started: Instant,
+    last_line: Mutex<Instant>,
+    every: Duration,
+}
+
+impl DbReporter {
+    pub fn new(node: &str, no_progress: bool, quiet: bool) -> DbReporter {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (tty && !no_progress && !quiet).then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{elapsed_precise}] {spinner} {msg}: {binary_bytes} {binary_bytes_per_sec}",
+                )
+                .expect("valid template"),
+            );
+            b.set_prefix(node.to_string());
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        DbReporter {
+            node: node.to_string(),
+            bar,
+            lines: !tty && !quiet,
+            started: Instant::now(),
+            last_line: Mutex::new(Instant::now()),
+            every: line_every(),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl hasync::db::replicate::DbProgress for DbReporter {
+    fn phase(&self, name: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(format!("database: {name}")),
+            None if self.lines => eprintln!("{}: database: {name}", self.node),
+            None => {}
+        }
+    }
+
+    fn streamed(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(bytes);
+        } else if self.lines {
+            let mut last = self.last_line.lock().expect("progress lock");
+            if last.elapsed() >= self.every {
+                *last = Instant::now();
+                let secs = self.started.elapsed().as_secs_f64().max(0.001);
+                eprintln!(
+                    "{}: database: {} of dump streamed, {}/s",
+                    self.node,
+                    human_bytes(bytes),
+                    human_bytes((bytes as f64 / secs) as u64)
+                );
+            }
+        }
+    }
+}

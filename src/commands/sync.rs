@@ -3,47 +3,29 @@
 //! with their issues, and the command says so instead of pretending.
 
 use anyhow::{bail, Result};
-use hasync::config::Role;
+use hasync::config::{Config, Node, Role};
+use hasync::db::{self, replicate::DbPlan};
 use hasync::sync::plan::{human_bytes, itemize, Action};
 use hasync::sync::{self, Conn, SyncOptions};
 
 use crate::cli::{Cli, SyncArgs};
 use crate::exit::Exit;
 use crate::output::{self, Log};
-use crate::progress::Reporter;
+use crate::progress::{DbReporter, Reporter};
 
 pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
     if args.db_only {
-        bail!("database replication is not built yet; only `hasync sync --files-only` works in this version");
+        return run_db(cli, args, log);
     }
     if !args.files_only {
         bail!(
             "the full replication cycle (stop services, files, database, restart) is not built yet; \
-             run `hasync sync --files-only` to replicate the file tree"
+             run `hasync sync --files-only` and `hasync sync --db-only`"
         );
     }
     let config = super::load_config(cli, log)?;
     let primary = config.initial_primary();
-    let standbys: Vec<_> = config
-        .nodes
-        .iter()
-        .filter(|n| n.initial_role == Role::Standby)
-        .filter(|n| args.to.as_ref().is_none_or(|t| &n.name == t))
-        .collect();
-    if standbys.is_empty() {
-        bail!(
-            "no standby named {:?} in {}; the standbys are: {}",
-            args.to.as_deref().unwrap_or(""),
-            config.path.display(),
-            config
-                .nodes
-                .iter()
-                .filter(|n| n.initial_role == Role::Standby)
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    let standbys = standbys(&config, args)?;
     let mut json_out = Vec::new();
     for standby in standbys {
         let opts = SyncOptions {
@@ -141,6 +123,148 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         output::stdout(&format!("{}\n", serde_json::to_string_pretty(&json_out)?));
     }
     Ok(Exit::Ok)
+}
+
+/// The standbys a run replicates to: all of them, or the one `--to` names.
+fn standbys<'a>(config: &'a Config, args: &SyncArgs) -> Result<Vec<&'a Node>> {
+    let standbys: Vec<_> = config
+        .nodes
+        .iter()
+        .filter(|n| n.initial_role == Role::Standby)
+        .filter(|n| args.to.as_ref().is_none_or(|t| &n.name == t))
+        .collect();
+    if standbys.is_empty() {
+        bail!(
+            "no standby named {:?} in {}; the standbys are: {}",
+            args.to.as_deref().unwrap_or(""),
+            config.path.display(),
+            config
+                .nodes
+                .iter()
+                .filter(|n| n.initial_role == Role::Standby)
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(standbys)
+}
+
+/// `hasync sync --db-only`: the database phase alone, to every standby.
+fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
+    let config = super::load_config(cli, log)?;
+    if config.database.is_none() {
+        bail!(
+            "{}: there is no [database] section, so no database to replicate; add one (see `hasync init --stdout`) or run `hasync sync --files-only`",
+            config.path.display()
+        );
+    }
+    let primary = config.initial_primary();
+    let mut json_out = Vec::new();
+    for standby in standbys(&config, args)? {
+        if args.dry_run {
+            let plan = db::replicate::plan(primary, standby)?;
+            if cli.global.json {
+                json_out.push(serde_json::to_value(&plan)?);
+                continue;
+            }
+            output::stdout(&render_db_plan(&plan));
+            continue;
+        }
+        let reporter = DbReporter::new(&standby.name, cli.global.no_progress, cli.global.quiet > 0);
+        let started = std::time::Instant::now();
+        let outcome = db::replicate::replicate(primary, standby, &reporter);
+        reporter.finish();
+        let s = outcome?;
+        for w in &s.warnings {
+            log.warn(w);
+        }
+        if cli.global.json {
+            json_out.push(serde_json::to_value(&s)?);
+            continue;
+        }
+        log.info(&format!(
+            "{} -> {}: database {} ({}) replicated: {} tables, {} rows, {} objects verified, {} of dump, {:.1}s; the previous copy is kept as {}",
+            s.from,
+            s.to,
+            s.database,
+            s.engine,
+            s.tables,
+            s.rows,
+            s.objects,
+            human_bytes(s.bytes),
+            started.elapsed().as_secs_f64(),
+            s.previous
+        ));
+        for p in &s.phases {
+            let mut line = format!("{}: {:<13} {:>7.2}s", s.to, p.name, p.secs);
+            if let Some(r) = p.rows {
+                line += &format!(", {r} rows");
+            }
+            if let Some(b) = p.bytes {
+                line += &format!(
+                    ", {} ({}/s)",
+                    human_bytes(b),
+                    human_bytes((b as f64 / p.secs.max(0.001)) as u64)
+                );
+            }
+            if p.name == "read-only" {
+                line += &format!(
+                    ", {} readonly_sql statement(s) checked",
+                    s.readonly_statements
+                );
+            }
+            log.info(&line);
+        }
+    }
+    if cli.global.json {
+        output::stdout(&format!("{}\n", serde_json::to_string_pretty(&json_out)?));
+    }
+    Ok(Exit::Ok)
+}
+
+fn render_db_plan(plan: &DbPlan) -> String {
+    let mut s = format!(
+        "{} -> {}: database {} ({}); the mirror's {} {}\n",
+        plan.from,
+        plan.to,
+        plan.database,
+        plan.engine,
+        plan.database,
+        if plan.mirror_database_exists {
+            format!("exists and would be kept as {}", plan.previous)
+        } else {
+            "does not exist yet and would be created".to_string()
+        }
+    );
+    let width = plan
+        .tables
+        .iter()
+        .map(|t| t.0.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    s += &format!("{:<width$} {:>12} {:>10}\n", "table", "rows", "data");
+    for (name, rows, bytes) in &plan.tables {
+        s += &format!("{name:<width$} {rows:>12} {:>10}\n", human_bytes(*bytes));
+    }
+    let rows: u64 = plan.tables.iter().map(|t| t.1).sum();
+    s += &format!(
+        "{} tables, {rows} rows; objects: {}\nestimated dump size: about {} (the table data)\n",
+        plan.tables.len(),
+        plan.objects
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        human_bytes(plan.estimated_bytes)
+    );
+    s += "would run:\n";
+    for (node, step) in &plan.steps {
+        s += &format!("  [{node}] {step}\n");
+    }
+    s += "dry run: nothing was changed\n";
+    s
 }
 
 fn action_json(a: &Action) -> serde_json::Value {

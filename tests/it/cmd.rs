@@ -47,8 +47,40 @@ impl Hasync {
         self
     }
 
+    /// Start it in the background, output captured; [`Running::wait`] gives
+    /// the [`Run`].
+    pub fn spawn(mut self) -> Running {
+        let child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run the hasync binary");
+        Running {
+            line: self.line,
+            child,
+        }
+    }
+
     pub fn run(mut self) -> Run {
         let out = self.cmd.output().expect("cannot run the hasync binary");
+        Run {
+            line: self.line,
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+pub struct Running {
+    pub line: String,
+    pub child: std::process::Child,
+}
+
+impl Running {
+    pub fn wait(self) -> Run {
+        let out = self.child.wait_with_output().expect("waiting for hasync");
         Run {
             line: self.line,
             code: out.status.code().unwrap_or(-1),

@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod cmd;
 mod config_errors;
+mod db;
 mod doctor;
 mod filter_rsync;
 mod harness;

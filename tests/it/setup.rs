@@ -29,6 +29,9 @@ pub struct Setup {
     pub max_delete: Option<u64>,
     /// `ssh_client` of both nodes (None: the default, auto).
     pub ssh_client: Option<&'static str>,
+    /// `[database] name` (default `okmdb`) and `readonly_sql`.
+    pub db_name: String,
+    pub readonly_sql: Vec<String>,
     _guard: Guard,
 }
 
@@ -63,6 +66,8 @@ impl Setup {
             excludes: Vec::new(),
             max_delete: None,
             ssh_client: None,
+            db_name: "okmdb".into(),
+            readonly_sql: Vec::new(),
             _guard: guard,
         }
     }
@@ -123,8 +128,10 @@ timeout = "30s"
         }
         if let Some(engine) = self.engine {
             s.push_str(&format!(
-                "\n[database]\nengine = \"{engine}\"\nname = \"okmdb\"\nhost = \"127.0.0.1\"\nuser = \"okm\"\npassword_file = \"{}\"\n",
-                self.password_file.display()
+                "\n[database]\nengine = \"{engine}\"\nname = \"{}\"\nhost = \"127.0.0.1\"\nuser = \"okm\"\npassword_file = \"{}\"\nreadonly_sql = {:?}\n",
+                self.db_name,
+                self.password_file.display(),
+                self.readonly_sql
             ));
         }
         s

@@ -1,0 +1,360 @@
+//! PostgreSQL: the dump and load commands, the catalog, the snapshot, and
+//! the swap.
+//!
+//! The primary's rows are counted inside the very snapshot pg_dump reads:
+//! a control transaction exports it (`pg_export_snapshot()`), counts every
+//! table in it, and stays open while `pg_dump --snapshot` runs. The swap is
+//! two `ALTER DATABASE ... RENAME` statements in one transaction, after the
+//! sessions still connected to either database were ended.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ::postgres::Client;
+
+use super::{query_error, Catalog, DbError, TableName};
+use crate::config::{Database, Engine};
+use crate::transport::shell_quote;
+
+const E: Engine = Engine::Postgres;
+
+/// Quote an identifier with double quotes.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A password file (`PGPASSFILE`) for the vendor tools on the node; written
+/// 0600 over SFTP, named in the environment, never on a command line.
+pub fn passfile(password: &str) -> String {
+    let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
+    format!("*:*:*:*:{escaped}\n")
+}
+
+fn env(passfile: Option<&str>) -> String {
+    match passfile {
+        Some(p) => format!("env PGPASSFILE={} PGCONNECT_TIMEOUT=10 ", shell_quote(p)),
+        None => "env PGCONNECT_TIMEOUT=10 ".to_string(),
+    }
+}
+
+fn need(tool: &str) -> String {
+    format!(
+        "command -v {tool} >/dev/null || {{ echo 'hasync: {tool} is not on PATH; install postgresql-client' >&2; exit 127; }}; "
+    )
+}
+
+fn conn_args(db: &Database) -> String {
+    format!(
+        "--no-password --host={} --port={} --username={}",
+        shell_quote(&db.host),
+        db.port,
+        shell_quote(&db.user)
+    )
+}
+
+/// The dump, run on the primary node, reading the exported snapshot.
+pub fn dump_command(db: &Database, passfile: Option<&str>, snapshot: &str) -> String {
+    format!(
+        "{}exec {}pg_dump {} --format=plain --snapshot={} --dbname={}",
+        need("pg_dump"),
+        env(passfile),
+        conn_args(db),
+        shell_quote(snapshot),
+        shell_quote(&db.name)
+    )
+}
+
+/// The load, run on the mirror node, into the staging database; the first
+/// error stops it.
+pub fn load_command(db: &Database, passfile: Option<&str>, staging: &str) -> String {
+    format!(
+        "{}exec {}psql -X -q {} -v ON_ERROR_STOP=1 --dbname={} >/dev/null",
+        need("psql"),
+        env(passfile),
+        conn_args(db),
+        shell_quote(staging)
+    )
+}
+
+fn q(client: &mut Client, sql: &str) -> Result<Vec<::postgres::Row>, DbError> {
+    client.query(sql, &[]).map_err(|e| query_error(E, sql, e))
+}
+
+pub fn run(client: &mut Client, sql: &str) -> Result<(), DbError> {
+    client
+        .batch_execute(sql)
+        .map_err(|e| query_error(E, sql, e))
+}
+
+/// Start a repeatable-read transaction, export its snapshot and return the
+/// snapshot's name. Commit (or drop the client) only after pg_dump ended.
+pub fn export_snapshot(client: &mut Client) -> Result<String, DbError> {
+    run(client, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+    let rows = q(client, "SELECT pg_export_snapshot()")?;
+    Ok(rows[0].get(0))
+}
+
+const USER_NAMESPACES: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') \
+     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
+
+/// Everything in the current database that a dump carries, and the tables
+/// (and materialized views) whose rows are counted.
+pub fn catalog(client: &mut Client) -> Result<Catalog, DbError> {
+    let mut cat = Catalog::default();
+    let sql = format!(
+        "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_NAMESPACES}"
+    );
+    for row in q(client, &sql)? {
+        let (schema, name, kind): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let label = match kind.as_str() {
+            "r" => "table",
+            "p" => "partitioned table",
+            "v" => "view",
+            "m" => "materialized view",
+            "S" => "sequence",
+            _ => "foreign table",
+        };
+        if kind == "r" || kind == "m" {
+            cat.tables.push(TableName {
+                schema: schema.clone(),
+                name: name.clone(),
+            });
+        }
+        cat.objects
+            .insert((label.to_string(), format!("{schema}.{name}")));
+    }
+    let sql = format!(
+        "SELECT n.nspname FROM pg_namespace n WHERE {USER_NAMESPACES} AND n.nspname <> 'public'"
+    );
+    for row in q(client, &sql)? {
+        cat.objects.insert(("schema".into(), row.get(0)));
+    }
+    let sql = format!(
+        "SELECT n.nspname, p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', \
+         p.prokind::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_NAMESPACES}"
+    );
+    for row in q(client, &sql)? {
+        let (schema, sig, kind): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let label = match kind.as_str() {
+            "p" => "procedure",
+            "a" => "aggregate",
+            "w" => "window function",
+            _ => "function",
+        };
+        cat.objects
+            .insert((label.into(), format!("{schema}.{sig}")));
+    }
+    let sql = format!(
+        "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal AND {USER_NAMESPACES}"
+    );
+    for row in q(client, &sql)? {
+        let (schema, table, name): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        cat.objects
+            .insert(("trigger".into(), format!("{name} on {schema}.{table}")));
+    }
+    let sql = format!(
+        "SELECT n.nspname, t.typname, t.typtype::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+         WHERE {USER_NAMESPACES} AND (t.typtype IN ('e', 'd', 'r') \
+         OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c'))"
+    );
+    for row in q(client, &sql)? {
+        let (schema, name, kind): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let label = match kind.as_str() {
+            "e" => "enum type",
+            "d" => "domain",
+            "r" => "range type",
+            _ => "composite type",
+        };
+        cat.objects
+            .insert((label.into(), format!("{schema}.{name}")));
+    }
+    // Sequence positions are part of the data: a mirror whose sequences lag
+    // would hand out ids the primary already used.
+    for row in q(
+        client,
+        "SELECT schemaname || '.' || sequencename, last_value FROM pg_sequences",
+    )? {
+        cat.sequences
+            .insert(row.get(0), row.get::<_, Option<i64>>(1));
+    }
+    cat.tables.sort();
+    Ok(cat)
+}
+
+/// Exact row counts of `tables` (a table's own rows, as COPY dumps them).
+pub fn counts(
+    client: &mut Client,
+    tables: &[TableName],
+) -> Result<BTreeMap<TableName, u64>, DbError> {
+    let mut out = BTreeMap::new();
+    for t in tables {
+        let sql = format!(
+            "SELECT count(*) FROM ONLY {}.{}",
+            ident(&t.schema),
+            ident(&t.name)
+        );
+        // ONLY is refused for materialized views on some versions: retry plainly.
+        let rows = match client.query(&sql, &[]) {
+            Ok(r) => r,
+            Err(_) => q(
+                client,
+                &format!(
+                    "SELECT count(*) FROM {}.{}",
+                    ident(&t.schema),
+                    ident(&t.name)
+                ),
+            )?,
+        };
+        let n: i64 = rows[0].get(0);
+        out.insert(t.clone(), n as u64);
+    }
+    Ok(out)
+}
+
+/// Table data sizes (for a dry run).
+pub fn sizes(client: &mut Client) -> Result<Vec<(String, u64)>, DbError> {
+    let sql = format!(
+        "SELECT n.nspname || '.' || c.relname, pg_relation_size(c.oid) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') AND {USER_NAMESPACES} ORDER BY 1"
+    );
+    Ok(q(client, &sql)?
+        .into_iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .collect())
+}
+
+/// `ENCODING ... LC_COLLATE ... LC_CTYPE ...` of the current database, for
+/// creating its copy.
+pub fn database_options(client: &mut Client) -> Result<String, DbError> {
+    let rows = q(
+        client,
+        "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database \
+         WHERE datname = current_database()",
+    )?;
+    let lit = |s: String| format!("'{}'", s.replace('\'', "''"));
+    let r = &rows[0];
+    Ok(format!(
+        "ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+        lit(r.get(0)),
+        lit(r.get(1)),
+        lit(r.get(2))
+    ))
+}
+
+pub fn database_exists(client: &mut Client, name: &str) -> Result<bool, DbError> {
+    let rows = client
+        .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .map_err(|e| query_error(E, "looking up a database", e))?;
+    Ok(!rows.is_empty())
+}
+
+/// End the other sessions connected to `names` (hasync's own role may end
+/// its own sessions; others need pg_signal_backend).
+fn disconnect(client: &mut Client, names: &[&str]) -> Result<(), DbError> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+            &[&names],
+        )
+        .map_err(|e| query_error(E, "ending sessions on the databases to swap", e))?;
+    Ok(())
+}
+
+pub fn drop_database(client: &mut Client, name: &str) -> Result<(), DbError> {
+    retry_in_use(|| {
+        disconnect(client, &[name])?;
+        run(client, &format!("DROP DATABASE IF EXISTS {}", ident(name)))
+    })
+}
+
+/// Drop and create the staging database (on a connection to the node's
+/// maintenance database).
+pub fn create_staging(client: &mut Client, staging: &str, options: &str) -> Result<(), DbError> {
+    drop_database(client, staging)?;
+    run(
+        client,
+        &format!(
+            "CREATE DATABASE {} TEMPLATE template0 {options}",
+            ident(staging)
+        ),
+    )
+}
+
+/// Rename live -> old and staging -> live in one transaction, after
+/// dropping the copy before the previous one. On error nothing was renamed.
+pub fn swap(client: &mut Client, live: &str, staging: &str, old: &str) -> Result<(), DbError> {
+    drop_database(client, old)?;
+    let live_exists = database_exists(client, live)?;
+    retry_in_use(|| {
+        disconnect(client, &[live, staging])?;
+        let mut sql = String::from("BEGIN;\n");
+        if live_exists {
+            sql += &format!("ALTER DATABASE {} RENAME TO {};\n", ident(live), ident(old));
+        }
+        sql += &format!(
+            "ALTER DATABASE {} RENAME TO {};\nCOMMIT;",
+            ident(staging),
+            ident(live)
+        );
+        let r = run(client, &sql);
+        if r.is_err() {
+            let _ = client.batch_execute("ROLLBACK");
+        }
+        r
+    })
+}
+
+/// Retry `f` while it fails because a session (re)connected in between.
+fn retry_in_use(mut f: impl FnMut() -> Result<(), DbError>) -> Result<(), DbError> {
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Err(DbError::Query { detail, .. })
+                if attempt < 10 && detail.contains("is being accessed by other users") =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200 * attempt));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Run `statements` in the current database, in one transaction; see
+/// [`super::replicate::check_statement`].
+pub fn run_checked(
+    client: &mut Client,
+    statements: &[String],
+    node: &str,
+) -> Result<usize, DbError> {
+    use super::replicate::{check_statement, is_query, Outcome};
+    let mut tx = client
+        .transaction()
+        .map_err(|e| query_error(E, "BEGIN", e))?;
+    for (i, stmt) in statements.iter().enumerate() {
+        let outcome = if is_query(stmt) {
+            // simple_query returns text, whatever the column type.
+            let msgs = tx.simple_query(stmt).map_err(|e| query_error(E, stmt, e))?;
+            let first = msgs.into_iter().find_map(|m| match m {
+                ::postgres::SimpleQueryMessage::Row(r) => {
+                    Some(r.get(0).unwrap_or("NULL").to_string())
+                }
+                _ => None,
+            });
+            Outcome::Value(first)
+        } else {
+            Outcome::Rows(
+                tx.execute(stmt.as_str(), &[])
+                    .map_err(|e| query_error(E, stmt, e))?,
+            )
+        };
+        check_statement(E, i, stmt, &outcome, node)?;
+    }
+    tx.commit().map_err(|e| query_error(E, "COMMIT", e))?;
+    Ok(statements.len())
+}

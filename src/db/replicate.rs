@@ -1,0 +1,966 @@
+//! The database phase: dump on the primary, stream through hasync into a
+//! staging database on the mirror, verify, mark read-only, swap.
+//!
+//! The order is what makes it safe:
+//!
+//! 1. **Stage.** `<name>__hasync_new` is dropped and created on the mirror;
+//!    the vendor dump tool on the primary streams into the vendor client on
+//!    the mirror, through this process, which counts every row as it passes
+//!    (see [`super::stream`]). The live mirror database is not touched.
+//! 2. **Verify.** The staging database must hold the primary's objects
+//!    (tables, views, routines, triggers, events, types, ...) and exactly the
+//!    rows of the dump's snapshot, table by table. PostgreSQL's rows are also
+//!    counted on the primary itself, inside the exported snapshot pg_dump
+//!    reads.
+//! 3. **Read-only.** `readonly_sql` runs in the staging database and is
+//!    checked (see [`check_statement`]), so the copy that becomes live is
+//!    read-only from its first moment, and a failing statement stops the
+//!    phase before the swap.
+//! 4. **Swap**, atomically (see [`super::mysql`] and [`super::pg`]); the
+//!    previous copy stays as `<name>__hasync_old` until the next swap.
+//!
+//! Any failure before the swap drops the staging database and leaves the live
+//! one exactly as it was. Passwords reach the vendor tools in a 0600 file
+//! written over SFTP into the node's `state_dir` and removed afterwards; they
+//! never appear on a command line.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::stream::{Format, RowCounter};
+use super::{
+    describe_difference, mysql, pg, previous_name, staging_name, Catalog, DbError, TableName,
+};
+use crate::config::{Database, Engine, Node};
+use crate::transport::{self, shell_quote, Transport, Tunnel};
+
+/// What the CLI shows while the phase runs.
+pub trait DbProgress: Sync {
+    /// A new phase starts ("dump and load", "verify", ...).
+    fn phase(&self, name: &str);
+    /// Bytes of dump streamed so far.
+    fn streamed(&self, bytes: u64);
+}
+
+/// No output (tests, `--quiet`).
+pub struct Silent;
+impl DbProgress for Silent {
+    fn phase(&self, _: &str) {}
+    fn streamed(&self, _: u64) {}
+}
+
+/// A step of the phase failed; `step` and `node` say where.
+#[derive(Debug, thiserror::Error)]
+#[error("database {step} on {node}: {detail}")]
+pub struct StepError {
+    pub step: &'static str,
+    pub node: String,
+    pub detail: String,
+}
+
+fn fail(step: &'static str, node: &str, detail: impl std::fmt::Display) -> StepError {
+    StepError {
+        step,
+        node: node.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    pub name: &'static str,
+    pub secs: f64,
+    pub rows: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+/// What a finished database phase did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbSummary {
+    pub engine: String,
+    pub from: String,
+    pub to: String,
+    pub database: String,
+    pub previous: String,
+    pub tables: usize,
+    pub rows: u64,
+    /// Bytes of dump streamed.
+    pub bytes: u64,
+    /// Objects compared (tables, views, routines, triggers, ...).
+    pub objects: usize,
+    pub readonly_statements: usize,
+    pub phases: Vec<PhaseReport>,
+    pub warnings: Vec<String>,
+}
+
+/// What a dry run found and would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbPlan {
+    pub engine: String,
+    pub from: String,
+    pub to: String,
+    pub database: String,
+    pub staging: String,
+    pub previous: String,
+    pub mirror_database_exists: bool,
+    /// (table, exact rows, data bytes as the server estimates them)
+    pub tables: Vec<(String, u64, u64)>,
+    /// Objects by kind.
+    pub objects: BTreeMap<String, usize>,
+    /// The table data size, a rough guide to the dump's size.
+    pub estimated_bytes: u64,
+    /// (node, what would run there), in order.
+    pub steps: Vec<(String, String)>,
+}
+
+/// The outcome of one `readonly_sql` statement.
+pub enum Outcome {
+    Rows(u64),
+    Value(Option<String>),
+}
+
+/// Whether a statement is a query whose first value is checked.
+pub fn is_query(stmt: &str) -> bool {
+    let w = first_word(stmt);
+    w == "SELECT" || w == "WITH" || w == "SHOW" || w == "VALUES"
+}
+
+fn first_word(stmt: &str) -> String {
+    let mut s = stmt.trim_start();
+    // Leading comments.
+    loop {
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    s.chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase()
+}
+
+/// The check on `readonly_sql`: a query must return a true first value (1,
+/// t, true, yes, on); a data change (INSERT, UPDATE, REPLACE, DELETE, MERGE)
+/// must affect at least one row, since an UPDATE of a row that does not exist
+/// "succeeds" while the mirror stays writable; anything else must succeed.
+pub fn check_statement(
+    engine: Engine,
+    index: usize,
+    stmt: &str,
+    outcome: &Outcome,
+    node: &str,
+) -> Result<(), DbError> {
+    let short: String = stmt.chars().take(120).collect();
+    let fail = |detail: String| DbError::Query {
+        engine,
+        context: format!("readonly_sql[{index}] on {node} (`{short}`)"),
+        detail,
+    };
+    match outcome {
+        Outcome::Value(v) => {
+            let truthy = v.as_deref().is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "t" | "true" | "yes" | "on"
+                )
+            });
+            if !truthy {
+                return Err(fail(format!(
+                    "the check returned {}, not true; the mirror would not be read-only",
+                    v.as_deref().unwrap_or("no row")
+                )));
+            }
+        }
+        Outcome::Rows(0)
+            if matches!(
+                first_word(stmt).as_str(),
+                "INSERT" | "UPDATE" | "REPLACE" | "DELETE" | "MERGE"
+            ) =>
+        {
+            return Err(fail(
+                "changed no rows: the row it should change is missing; write it as an upsert \
+                 (see templates/readonly-mysql.sql and templates/readonly-postgres.sql)"
+                    .into(),
+            ));
+        }
+        Outcome::Rows(_) => {}
+    }
+    Ok(())
+}
+
+/// A secret file on a node, removed when dropped.
+struct Secret<'a> {
+    t: &'a dyn Transport,
+    path: String,
+}
+
+impl<'a> Secret<'a> {
+    fn write(
+        t: &'a dyn Transport,
+        node: &Node,
+        name: &str,
+        contents: &str,
+    ) -> Result<Secret<'a>, StepError> {
+        let dir = &node.state_dir;
+        let out = t
+            .exec(
+                &format!("mkdir -p -m 700 -- {}", shell_quote(dir)),
+                b"",
+                Some(std::time::Duration::from_secs(30)),
+            )
+            .map_err(|e| fail("credentials", &node.name, e))?;
+        if !out.success() {
+            return Err(fail(
+                "credentials",
+                &node.name,
+                format!(
+                    "cannot create state_dir {dir}: {}; fix state_dir or its parent's permissions",
+                    out.stderr_tail()
+                ),
+            ));
+        }
+        let nonce: u64 = {
+            let mut h = blake3::Hasher::new();
+            h.update(&std::process::id().to_le_bytes());
+            h.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+            u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+        };
+        let path = format!("{dir}/.hasync-{name}-{nonce:016x}");
+        t.write_file(&path, contents.as_bytes(), 0o600)
+            .map_err(|e| fail("credentials", &node.name, e))?;
+        Ok(Secret { t, path })
+    }
+}
+
+impl Drop for Secret<'_> {
+    fn drop(&mut self) {
+        let _ = self.t.remove_file(&self.path);
+    }
+}
+
+/// The two ends of the phase: node, transport, database settings, password,
+/// and a tunnel to the node's database port.
+struct End<'a> {
+    node: &'a Node,
+    t: Box<dyn Transport>,
+    db: &'a Database,
+    password: Option<String>,
+    tunnel: Tunnel,
+}
+
+impl<'a> End<'a> {
+    fn open(node: &'a Node) -> Result<End<'a>, StepError> {
+        let db = node.database.as_ref().ok_or_else(|| {
+            fail(
+                "settings",
+                &node.name,
+                "no [database] section applies to this node; add one to the config",
+            )
+        })?;
+        let password = db
+            .password()
+            .map_err(|e| fail("settings", &node.name, format!("{e}; fix password_file")))?;
+        let t = transport::connect(&node.endpoint).map_err(|e| fail("connect", &node.name, e))?;
+        let tunnel = t.tunnel(&db.host, db.port).map_err(|e| {
+            fail(
+                "connect",
+                &node.name,
+                format!(
+                    "cannot open a tunnel to {}:{}: {e}; check AllowTcpForwarding in the node's sshd",
+                    db.host, db.port
+                ),
+            )
+        })?;
+        Ok(End {
+            node,
+            t,
+            db,
+            password,
+            tunnel,
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.node.name
+    }
+
+    fn mysql(&self, database: Option<&str>) -> Result<::mysql::Conn, StepError> {
+        super::mysql_connect(
+            self.db,
+            self.password.as_deref(),
+            self.tunnel.local_addr,
+            database,
+        )
+        .map_err(|e| fail("connect", self.name(), e))
+    }
+
+    fn pg(&self, database: &str) -> Result<::postgres::Client, StepError> {
+        super::pg_connect(
+            self.db,
+            self.password.as_deref(),
+            self.tunnel.local_addr,
+            database,
+        )
+        .map_err(|e| fail("connect", self.name(), e))
+    }
+
+    /// A connection to the node's maintenance database (`postgres`, else
+    /// `template1`).
+    fn pg_maintenance(&self) -> Result<::postgres::Client, StepError> {
+        self.pg("postgres")
+            .or_else(|first| self.pg("template1").map_err(|_| first))
+    }
+}
+
+fn open_both<'a>(primary: &'a Node, mirror: &'a Node) -> Result<(End<'a>, End<'a>), StepError> {
+    let (p, m) = std::thread::scope(|s| {
+        let p = s.spawn(|| End::open(primary));
+        let m = End::open(mirror);
+        (p.join().expect("connect thread panicked"), m)
+    });
+    let (p, m) = (p?, m?);
+    if p.db.engine != m.db.engine {
+        return Err(fail(
+            "settings",
+            m.name(),
+            "the nodes use different database engines",
+        ));
+    }
+    Ok((p, m))
+}
+
+/// Stream the dump from `src` into the loader on `dst`, counting rows.
+fn stream(
+    src: &End,
+    dump: &str,
+    dst: &End,
+    load: &str,
+    format: Format,
+    progress: &dyn DbProgress,
+) -> Result<RowCounter, StepError> {
+    let mut loader = dst.t.spawn(load).map_err(|e| fail("load", dst.name(), e))?;
+    let mut dumper = match src.t.spawn(dump) {
+        Ok(d) => d,
+        Err(e) => {
+            loader.kill();
+            let _ = loader.wait();
+            return Err(fail("dump", src.name(), e));
+        }
+    };
+    let mut counter = RowCounter::new(format);
+    let mut stdin = loader.take_stdin().expect("loader stdin");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut write_error = None;
+    let mut read_error = None;
+    loop {
+        match dumper.stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                counter.feed(&buf[..n]);
+                progress.streamed(counter.bytes());
+                if let Err(e) = stdin.write_all(&buf[..n]) {
+                    write_error = Some(e);
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
+    }
+    let stream_broke = write_error.is_some() || read_error.is_some();
+    if stream_broke {
+        // Without its input's end the loader would commit a partial load
+        // only into staging, which is dropped anyway; stop both now.
+        dumper.kill();
+        loader.kill();
+    }
+    drop(stdin);
+    let load_out = loader.wait().map_err(|e| fail("load", dst.name(), e))?;
+    let dump_out = dumper.wait().map_err(|e| fail("dump", src.name(), e))?;
+    let killed_by_us = stream_broke && dump_out.status == 137;
+    if !dump_out.success() && !killed_by_us {
+        return Err(fail(
+            "dump",
+            src.name(),
+            format!(
+                "the dump tool failed (exit {}): {}",
+                dump_out.status,
+                dump_out.stderr_tail()
+            ),
+        ));
+    }
+    if !load_out.success() {
+        let tail = load_out.stderr_tail();
+        let hint = load_hint(&tail);
+        return Err(fail(
+            "load",
+            dst.name(),
+            format!(
+                "loading into the staging database failed (exit {}) after {} of dump: {tail}{hint}; the live database was not touched",
+                load_out.status,
+                crate::sync::plan::human_bytes(counter.bytes())
+            ),
+        ));
+    }
+    if let Some(e) = write_error.or(read_error) {
+        return Err(fail(
+            "dump and load",
+            dst.name(),
+            format!("the stream broke: {e}; the live database was not touched"),
+        ));
+    }
+    if !counter.complete() {
+        return Err(fail(
+            "dump",
+            src.name(),
+            format!(
+                "the dump ended after {} without its completion line: it was cut short",
+                crate::sync::plan::human_bytes(counter.bytes())
+            ),
+        ));
+    }
+    Ok(counter)
+}
+
+fn load_hint(stderr: &str) -> &'static str {
+    if stderr.contains("ERROR 1227") || stderr.contains("SET USER") {
+        "\nhint: the dump has objects whose DEFINER is an account the mirror lacks or that the [database] user may not impersonate; create that account on the mirror (with the same privileges), or make the [database] user the DEFINER on the primary"
+    } else if stderr.contains("role") && stderr.contains("does not exist") {
+        "\nhint: the dump names a role (an OWNER or a GRANT) the mirror lacks; create that role on the mirror"
+    } else if stderr.contains("must be owner") || stderr.contains("must be member of role") {
+        "\nhint: the dump sets an OWNER the [database] user cannot assign; make that user a member of the owning role on the mirror"
+    } else {
+        ""
+    }
+}
+
+fn verify_objects(primary: &Catalog, staging: &Catalog, node: &str) -> Result<(), StepError> {
+    if primary.objects != staging.objects {
+        return Err(fail(
+            "verify",
+            node,
+            format!(
+                "the staging database's objects differ from the primary's: {}; the live database was not touched",
+                describe_difference(&primary.objects, &staging.objects)
+            ),
+        ));
+    }
+    for (name, want) in &primary.sequences {
+        let got = staging.sequences.get(name).copied().flatten();
+        if want.is_some() && got < *want {
+            return Err(fail(
+                "verify",
+                node,
+                format!("sequence {name} is at {got:?} in staging, behind the primary's {want:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Compare row counts; `want` is what the primary or the dump had.
+fn verify_counts(
+    want: &BTreeMap<TableName, u64>,
+    got: &BTreeMap<TableName, u64>,
+    what: &str,
+    node: &str,
+) -> Result<u64, StepError> {
+    let mut bad = Vec::new();
+    let tables: std::collections::BTreeSet<&TableName> = want.keys().chain(got.keys()).collect();
+    let mut total = 0;
+    for t in tables {
+        let (w, g) = (
+            want.get(t).copied().unwrap_or(0),
+            got.get(t).copied().unwrap_or(0),
+        );
+        total += g;
+        if w != g {
+            bad.push(format!("{t}: {w} in {what}, {g} in staging"));
+        }
+    }
+    if !bad.is_empty() {
+        let n = bad.len();
+        bad.truncate(10);
+        return Err(fail(
+            "verify",
+            node,
+            format!(
+                "row counts differ in {n} table(s): {}; the live database was not touched",
+                bad.join(", ")
+            ),
+        ));
+    }
+    Ok(total)
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// Replicate the primary's database into the mirror's. See the module docs.
+pub fn replicate(
+    primary: &Node,
+    mirror: &Node,
+    progress: &dyn DbProgress,
+) -> Result<DbSummary, StepError> {
+    let (src, dst) = open_both(primary, mirror)?;
+    match src.db.engine {
+        Engine::Mysql => replicate_mysql(&src, &dst, progress),
+        Engine::Postgres => replicate_pg(&src, &dst, progress),
+    }
+}
+
+fn summary(src: &End, dst: &End) -> DbSummary {
+    DbSummary {
+        engine: src.db.engine.to_string(),
+        from: src.name().to_string(),
+        to: dst.name().to_string(),
+        database: dst.db.name.clone(),
+        previous: previous_name(&dst.db.name),
+        tables: 0,
+        rows: 0,
+        bytes: 0,
+        objects: 0,
+        readonly_statements: 0,
+        phases: Vec::new(),
+        warnings: Vec::new(),
+    }
+}
+
+fn replicate_mysql(
+    src: &End,
+    dst: &End,
+    progress: &dyn DbProgress,
+) -> Result<DbSummary, StepError> {
+    let mut out = summary(src, dst);
+    let staging = staging_name(&dst.db.name);
+    let mut pc = src.mysql(Some(&src.db.name))?;
+    let mut mc = dst.mysql(None)?;
+    let pcat =
+        mysql::catalog(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
+    let charset =
+        mysql::charset(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
+    drop(pc);
+    mysql::create_staging(&mut mc, &staging, &charset)
+        .map_err(|e| fail("staging", dst.name(), e))?;
+
+    let staged = (|| {
+        let t = Instant::now();
+        progress.phase("dump and load");
+        let counter = {
+            let pf = Secret::write(
+                &*src.t,
+                src.node,
+                "dump.cnf",
+                &mysql::defaults_file(src.db, src.password.as_deref()),
+            )?;
+            let mf = Secret::write(
+                &*dst.t,
+                dst.node,
+                "load.cnf",
+                &mysql::defaults_file(dst.db, dst.password.as_deref()),
+            )?;
+            stream(
+                src,
+                &mysql::dump_command(src.db, &pf.path),
+                dst,
+                &mysql::load_command(&mf.path, &staging),
+                Format::Mysql,
+                progress,
+            )?
+        };
+        out.bytes = counter.bytes();
+        out.phases.push(PhaseReport {
+            name: "dump and load",
+            secs: secs(t),
+            rows: Some(counter.total_rows()),
+            bytes: Some(counter.bytes()),
+        });
+
+        let t = Instant::now();
+        progress.phase("verify");
+        let scat = mysql::catalog(&mut mc, &staging).map_err(|e| fail("verify", dst.name(), e))?;
+        verify_objects(&pcat, &scat, dst.name())?;
+        let mut got = BTreeMap::new();
+        for table in &scat.tables {
+            let n = mysql::count(&mut mc, &staging, table)
+                .map_err(|e| fail("verify", dst.name(), e))?;
+            got.insert(table.clone(), n);
+        }
+        let mut want = counter.rows().clone();
+        for table in &scat.tables {
+            want.entry(table.clone()).or_insert(0);
+        }
+        out.rows = verify_counts(&want, &got, "the dump", dst.name())?;
+        out.tables = scat.tables.len();
+        out.objects = scat.objects.len();
+        out.phases.push(PhaseReport {
+            name: "verify",
+            secs: secs(t),
+            rows: Some(out.rows),
+            bytes: None,
+        });
+
+        let t = Instant::now();
+        progress.phase("read-only");
+        out.readonly_statements =
+            mysql::run_checked(&mut mc, &staging, &dst.db.readonly_sql, dst.name())
+                .map_err(|e| fail("read-only SQL", dst.name(), e))?;
+        out.phases.push(PhaseReport {
+            name: "read-only",
+            secs: secs(t),
+            rows: None,
+            bytes: None,
+        });
+        Ok(())
+    })();
+    if let Err(e) = staged {
+        let _ = mysql::drop_database(&mut mc, &staging);
+        return Err(e);
+    }
+
+    let t = Instant::now();
+    progress.phase("swap");
+    let report = match mysql::swap(
+        &mut mc,
+        &dst.db.name,
+        &staging,
+        &previous_name(&dst.db.name),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = mysql::drop_database(&mut mc, &staging);
+            return Err(fail("swap", dst.name(), e));
+        }
+    };
+    out.warnings.extend(report.warnings);
+    let checks = queries(&dst.db.readonly_sql);
+    mysql::run_checked(&mut mc, &dst.db.name, &checks, dst.name())
+        .map_err(|e| fail("read-only check after the swap", dst.name(), e))?;
+    out.phases.push(PhaseReport {
+        name: "swap",
+        secs: secs(t),
+        rows: None,
+        bytes: None,
+    });
+    Ok(out)
+}
+
+/// The verification queries of `readonly_sql`, re-run on the live database
+/// after the swap.
+fn queries(statements: &[String]) -> Vec<String> {
+    statements.iter().filter(|s| is_query(s)).cloned().collect()
+}
+
+fn replicate_pg(src: &End, dst: &End, progress: &dyn DbProgress) -> Result<DbSummary, StepError> {
+    let mut out = summary(src, dst);
+    let staging = staging_name(&dst.db.name);
+    let mut pc = src.pg(&src.db.name)?;
+    let snapshot = pg::export_snapshot(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
+    let pcat = pg::catalog(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
+    let pcounts =
+        pg::counts(&mut pc, &pcat.tables).map_err(|e| fail("preflight", src.name(), e))?;
+    let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
+    let mut mm = dst.pg_maintenance()?;
+    pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
+
+    let staged = (|| {
+        let t = Instant::now();
+        progress.phase("dump and load");
+        let counter = {
+            let pf = match &src.password {
+                Some(p) => Some(Secret::write(
+                    &*src.t,
+                    src.node,
+                    "dump.pgpass",
+                    &pg::passfile(p),
+                )?),
+                None => None,
+            };
+            let mf = match &dst.password {
+                Some(p) => Some(Secret::write(
+                    &*dst.t,
+                    dst.node,
+                    "load.pgpass",
+                    &pg::passfile(p),
+                )?),
+                None => None,
+            };
+            stream(
+                src,
+                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), &snapshot),
+                dst,
+                &pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging),
+                Format::Postgres,
+                progress,
+            )?
+        };
+        // The snapshot is no longer needed once pg_dump ended.
+        pg::run(&mut pc, "COMMIT").map_err(|e| fail("dump", src.name(), e))?;
+        out.bytes = counter.bytes();
+        out.phases.push(PhaseReport {
+            name: "dump and load",
+            secs: secs(t),
+            rows: Some(counter.total_rows()),
+            bytes: Some(counter.bytes()),
+        });
+
+        let t = Instant::now();
+        progress.phase("verify");
+        let mut ms = dst.pg(&staging)?;
+        let scat = pg::catalog(&mut ms).map_err(|e| fail("verify", dst.name(), e))?;
+        verify_objects(&pcat, &scat, dst.name())?;
+        let scounts =
+            pg::counts(&mut ms, &scat.tables).map_err(|e| fail("verify", dst.name(), e))?;
+        out.rows = verify_counts(&pcounts, &scounts, "the primary's snapshot", dst.name())?;
+        // The stream must agree too (every COPYed table).
+        let streamed: BTreeMap<TableName, u64> = counter
+            .rows()
+            .keys()
+            .map(|t| (t.clone(), pcounts.get(t).copied().unwrap_or(0)))
+            .collect();
+        verify_counts(
+            &streamed,
+            counter.rows(),
+            "the primary's snapshot",
+            dst.name(),
+        )
+        .map_err(|mut e| {
+            e.detail = format!("(counting the dump stream) {}", e.detail);
+            e
+        })?;
+        out.tables = scat.tables.len();
+        out.objects = scat.objects.len();
+        out.phases.push(PhaseReport {
+            name: "verify",
+            secs: secs(t),
+            rows: Some(out.rows),
+            bytes: None,
+        });
+
+        let t = Instant::now();
+        progress.phase("read-only");
+        out.readonly_statements = pg::run_checked(&mut ms, &dst.db.readonly_sql, dst.name())
+            .map_err(|e| fail("read-only SQL", dst.name(), e))?;
+        out.phases.push(PhaseReport {
+            name: "read-only",
+            secs: secs(t),
+            rows: None,
+            bytes: None,
+        });
+        Ok(())
+    })();
+    drop(pc);
+    if let Err(e) = staged {
+        let _ = pg::drop_database(&mut mm, &staging);
+        return Err(e);
+    }
+
+    let t = Instant::now();
+    progress.phase("swap");
+    if let Err(e) = pg::swap(
+        &mut mm,
+        &dst.db.name,
+        &staging,
+        &previous_name(&dst.db.name),
+    ) {
+        let _ = pg::drop_database(&mut mm, &staging);
+        return Err(fail("swap", dst.name(), e));
+    }
+    let checks = queries(&dst.db.readonly_sql);
+    if !checks.is_empty() {
+        let mut live = dst.pg(&dst.db.name)?;
+        pg::run_checked(&mut live, &checks, dst.name())
+            .map_err(|e| fail("read-only check after the swap", dst.name(), e))?;
+    }
+    out.phases.push(PhaseReport {
+        name: "swap",
+        secs: secs(t),
+        rows: None,
+        bytes: None,
+    });
+    Ok(out)
+}
+
+/// What `--dry-run` shows: the primary's tables with exact row counts, the
+/// estimated size, and the steps with their commands. Changes nothing
+/// anywhere (no staging database, no credential file).
+pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
+    let (src, dst) = open_both(primary, mirror)?;
+    let staging = staging_name(&dst.db.name);
+    let previous = previous_name(&dst.db.name);
+    let (cat, counts, sizes, exists) = match src.db.engine {
+        Engine::Mysql => {
+            let mut pc = src.mysql(Some(&src.db.name))?;
+            let e = |e| fail("preflight", src.name(), e);
+            let cat = mysql::catalog(&mut pc, &src.db.name).map_err(e)?;
+            let mut counts = BTreeMap::new();
+            for t in &cat.tables {
+                counts.insert(
+                    t.clone(),
+                    mysql::count(&mut pc, &src.db.name, t).map_err(e)?,
+                );
+            }
+            let sizes = mysql::sizes(&mut pc, &src.db.name).map_err(e)?;
+            let mut mc = dst.mysql(None)?;
+            let exists = mysql::schema_exists(&mut mc, &dst.db.name)
+                .map_err(|e| fail("preflight", dst.name(), e))?;
+            (cat, counts, sizes, exists)
+        }
+        Engine::Postgres => {
+            let mut pc = src.pg(&src.db.name)?;
+            let e = |e| fail("preflight", src.name(), e);
+            let cat = pg::catalog(&mut pc).map_err(e)?;
+            let counts = pg::counts(&mut pc, &cat.tables).map_err(e)?;
+            let sizes = pg::sizes(&mut pc).map_err(e)?;
+            let mut mm = dst.pg_maintenance()?;
+            let exists = pg::database_exists(&mut mm, &dst.db.name)
+                .map_err(|e| fail("preflight", dst.name(), e))?;
+            (cat, counts, sizes, exists)
+        }
+    };
+    let size_of: BTreeMap<String, u64> = sizes.into_iter().collect();
+    let tables: Vec<(String, u64, u64)> = counts
+        .iter()
+        .map(|(t, n)| {
+            let key = t.to_string();
+            let bytes = size_of.get(&key).copied().unwrap_or(0);
+            (key, *n, bytes)
+        })
+        .collect();
+    let mut objects = BTreeMap::new();
+    for (kind, _) in &cat.objects {
+        *objects.entry(kind.clone()).or_insert(0) += 1;
+    }
+    let (p, m) = (src.name().to_string(), dst.name().to_string());
+    let state = |n: &Node| format!("{}/.hasync-...", n.state_dir);
+    let mut steps = Vec::new();
+    match src.db.engine {
+        Engine::Mysql => {
+            steps.push((m.clone(), format!("DROP DATABASE IF EXISTS `{staging}`; CREATE DATABASE `{staging}` (the primary's character set)")));
+            steps.push((
+                p.clone(),
+                format!(
+                    "write {} (0600, over SFTP): [client] user, host, port, password=<redacted>",
+                    state(src.node)
+                ),
+            ));
+            steps.push((
+                m.clone(),
+                format!(
+                    "write {} (0600, over SFTP): [client] user, host, port, password=<redacted>",
+                    state(dst.node)
+                ),
+            ));
+            steps.push((p.clone(), mysql::dump_command(src.db, &state(src.node))));
+            steps.push((
+                m.clone(),
+                format!("| {}", mysql::load_command(&state(dst.node), &staging)),
+            ));
+        }
+        Engine::Postgres => {
+            steps.push((p.clone(), "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_export_snapshot(); count rows in the snapshot".into()));
+            steps.push((m.clone(), format!("DROP DATABASE IF EXISTS \"{staging}\"; CREATE DATABASE \"{staging}\" TEMPLATE template0 (the primary's encoding and locale)")));
+            let pf = src.password.as_ref().map(|_| state(src.node));
+            let mf = dst.password.as_ref().map(|_| state(dst.node));
+            if let Some(f) = &pf {
+                steps.push((
+                    p.clone(),
+                    format!("write {f} (0600, over SFTP): *:*:*:*:<redacted>"),
+                ));
+            }
+            if let Some(f) = &mf {
+                steps.push((
+                    m.clone(),
+                    format!("write {f} (0600, over SFTP): *:*:*:*:<redacted>"),
+                ));
+            }
+            steps.push((
+                p.clone(),
+                pg::dump_command(src.db, pf.as_deref(), "<snapshot>"),
+            ));
+            steps.push((
+                m.clone(),
+                format!("| {}", pg::load_command(dst.db, mf.as_deref(), &staging)),
+            ));
+        }
+    }
+    steps.push((m.clone(), format!("verify {staging}: the same {} objects as the primary and the same rows in each of {} tables", cat.objects.len(), cat.tables.len())));
+    for (i, s) in dst.db.readonly_sql.iter().enumerate() {
+        steps.push((m.clone(), format!("readonly_sql[{i}] in {staging}: {s}")));
+    }
+    let swap = match (src.db.engine, exists) {
+        (Engine::Mysql, true) => format!("swap: RENAME TABLE {db}.* TO {previous}.*, {staging}.* TO {db}.* (one statement); recreate views, triggers, routines, events in {db}", db = dst.db.name),
+        (Engine::Mysql, false) => format!("swap: CREATE DATABASE {db}; RENAME TABLE {staging}.* TO {db}.*; create views, triggers, routines, events", db = dst.db.name),
+        (Engine::Postgres, true) => format!("swap: DROP DATABASE IF EXISTS {previous}; ALTER DATABASE {db} RENAME TO {previous}; ALTER DATABASE {staging} RENAME TO {db} (one transaction)", db = dst.db.name),
+        (Engine::Postgres, false) => format!("swap: ALTER DATABASE {staging} RENAME TO {}", dst.db.name),
+    };
+    steps.push((m.clone(), swap));
+    Ok(DbPlan {
+        engine: src.db.engine.to_string(),
+        from: p,
+        to: m,
+        database: dst.db.name.clone(),
+        staging,
+        previous,
+        mirror_database_exists: exists,
+        estimated_bytes: tables.iter().map(|t| t.2).sum(),
+        tables,
+        objects,
+        steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_checks() {
+        let rows = |n| Outcome::Rows(n);
+        assert!(check_statement(Engine::Mysql, 0, "UPDATE t SET v = 1", &rows(1), "n").is_ok());
+        let e =
+            check_statement(Engine::Mysql, 0, "  update t SET v = 1", &rows(0), "n").unwrap_err();
+        assert!(e.to_string().contains("changed no rows"), "{e}");
+        assert!(check_statement(Engine::Mysql, 0, "SET @x = 1", &rows(0), "n").is_ok());
+        assert!(check_statement(
+            Engine::Mysql,
+            0,
+            "/* c */ SELECT 1",
+            &Outcome::Value(Some("1".into())),
+            "n"
+        )
+        .is_ok());
+        assert!(check_statement(
+            Engine::Mysql,
+            0,
+            "SELECT x",
+            &Outcome::Value(Some("t".into())),
+            "n"
+        )
+        .is_ok());
+        let e = check_statement(
+            Engine::Mysql,
+            2,
+            "SELECT x",
+            &Outcome::Value(Some("false".into())),
+            "okm2",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("readonly_sql[2] on okm2"), "{e}");
+        assert!(check_statement(Engine::Mysql, 0, "SELECT x", &Outcome::Value(None), "n").is_err());
+        assert!(is_query("-- comment\nselect 1"));
+        assert!(!is_query("INSERT INTO t SELECT 1"));
+    }
+}
