@@ -387,22 +387,21 @@ fn stream(
     drop(stdin);
     let load_out = loader.wait().map_err(|e| fail("load", dst.name(), e))?;
     let dump_out = dumper.wait().map_err(|e| fail("dump", src.name(), e))?;
-    let killed_by_us = stream_broke && dump_out.status == 137;
-    if !dump_out.success() && !killed_by_us {
-        return Err(fail(
+    let dump_error = (!dump_out.success()).then(|| {
+        fail(
             "dump",
             src.name(),
             format!(
-                "the dump tool failed (exit {}): {}",
+                "the dump tool failed (exit {}): {}; the live database was not touched",
                 dump_out.status,
                 dump_out.stderr_tail()
             ),
-        ));
-    }
-    if !load_out.success() {
+        )
+    });
+    let load_error = (!load_out.success()).then(|| {
         let tail = load_out.stderr_tail();
         let hint = load_hint(&tail);
-        return Err(fail(
+        fail(
             "load",
             dst.name(),
             format!(
@@ -410,7 +409,18 @@ fn stream(
                 load_out.status,
                 crate::sync::plan::human_bytes(counter.bytes())
             ),
-        ));
+        )
+    });
+    // The side that failed first is the cause: a loader that died made the
+    // writes fail (and the dumper was killed); a dumper that died cut the
+    // stream, and the loader may then choke on half a statement.
+    let (first, second) = if write_error.is_some() {
+        (load_error, dump_error)
+    } else {
+        (dump_error, load_error)
+    };
+    if let Some(e) = first.or(second) {
+        return Err(e);
     }
     if let Some(e) = write_error.or(read_error) {
         return Err(fail(

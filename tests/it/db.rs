@@ -329,7 +329,6 @@ fn small_round_trip_postgres() {
     small_round_trip(Engine::Postgres);
 }
 
-#[allow(dead_code)]
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -344,4 +343,215 @@ fn fixture(name: &str) -> String {
         .join("tests/it/fixtures")
         .join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A table `big` of `rows` (at most a million) rows of ~240 bytes, made by
+/// the server itself.
+fn big_table(e: Engine, i: usize, db: &str, rows: u32) {
+    const DIGITS: &str = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 \
+         UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL SELECT 8 UNION ALL SELECT 9)";
+    let sql = match e {
+        Engine::Mysql => format!(
+            "CREATE TABLE big (id INT PRIMARY KEY, k CHAR(32), body VARCHAR(400));\n\
+             INSERT INTO big SELECT n, md5(n), repeat(md5(n * 7), 6) FROM (SELECT 1 + a.d + 10 * b.d + 100 * c.d + 1000 * e.d + 10000 * f.d + 100000 * g.d AS n \
+             FROM {DIGITS} a, {DIGITS} b, {DIGITS} c, {DIGITS} e, {DIGITS} f, {DIGITS} g) x WHERE n <= {rows};"
+        ),
+        Engine::Postgres => format!(
+            "CREATE TABLE big (id int PRIMARY KEY, k char(32), body varchar(400));\n\
+             INSERT INTO big SELECT g, md5(g::text), repeat(md5((g * 7)::text), 6) FROM generate_series(1, {rows}) g;"
+        ),
+    };
+    as_okm(e, i, db, &sql);
+}
+
+/// Every process's command line, as (pid, arguments joined by spaces).
+fn command_lines() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let line = raw
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push((pid, line));
+        }
+    }
+    out
+}
+
+/// The pid of the vendor client loading `staging` on the mirror.
+fn loader_pid(e: Engine, staging: &str) -> Option<u32> {
+    let want = match e {
+        Engine::Mysql => format!("--database={staging}"),
+        Engine::Postgres => format!("--dbname={staging}"),
+    };
+    let tool = match e {
+        Engine::Mysql => "mariadb",
+        Engine::Postgres => "psql",
+    };
+    command_lines()
+        .into_iter()
+        .find(|(_, l)| l.contains(&want) && l.contains(tool) && !l.contains("command -v"))
+        .map(|(p, _)| p)
+}
+
+/// Whether rows of `big` are being loaded into staging (MySQL: an INSERT
+/// into it is running; PostgreSQL: its COPY has processed rows).
+fn staging_rows(e: Engine, staging: &str) -> u64 {
+    let pw = &cluster().db_password;
+    let r = match e {
+        // mariadb-dump wraps the INSERTs in LOCK TABLES: count(*) would wait
+        // for the end of the table, the process list does not.
+        Engine::Mysql => Ok(admin(
+            e,
+            1,
+            "mysql",
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = '{staging}' AND INFO LIKE 'INSERT INTO `big`%'"
+            ),
+        )),
+        Engine::Postgres => node(1).postgres.sql_as(
+            DB_USER,
+            pw,
+            "postgres",
+            &format!(
+                "SELECT COALESCE(max(tuples_processed), 0) FROM pg_stat_progress_copy WHERE datname = '{staging}'"
+            ),
+        ),
+    };
+    r.ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The mirror's loader dies mid-stream: hasync fails naming the step and
+/// the node, the staging database is dropped, and the live mirror database
+/// is exactly as before.
+fn load_killed_midway(e: Engine) {
+    let db = format!("okmdb_kill_{}", e.name());
+    let staging = format!("{db}__hasync_new");
+    let s = setup(e, &format!("db-kill-{}", e.name()), &db);
+    let cfg = s.write();
+    fresh_db(e, 0, &db);
+    fresh_db(e, 1, &db);
+    big_table(e, 0, &db, 300_000);
+    as_okm(e, 1, &db, small_schema(e));
+    let before = dump_text(e, 1, &db);
+
+    let running = hasync().config(&cfg).args(["sync", "--db-only"]).spawn();
+    wait_until("rows arriving in staging", Duration::from_secs(120), || {
+        staging_rows(e, &staging) > 0
+    });
+    let pid = loader_pid(e, &staging).unwrap_or_else(|| {
+        let seen: Vec<String> = command_lines()
+            .into_iter()
+            .filter(|(_, l)| l.contains(&staging) || l.contains("defaults-extra"))
+            .map(|(p, l)| format!("{p}: {l}"))
+            .collect();
+        panic!("no loader process on the mirror; processes naming {staging}: {seen:#?}")
+    });
+    // SAFETY: kill(2) on a pid we just found; at worst it already exited.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let run = running.wait();
+    assert_ne!(run.code, 0, "hasync must fail: {}", run.stderr);
+    run.stderr_has("database load on okm2");
+    run.stderr_has("the live database was not touched");
+    assert_same_dump(
+        &before,
+        &dump_text(e, 1, &db),
+        "live mirror database after a killed load",
+    );
+    assert_eq!(databases(e, 1, &db), vec![db.clone()], "staging dropped");
+    drop_dbs(e, 0, &db);
+    drop_dbs(e, 1, &db);
+}
+
+#[test]
+fn load_killed_midway_mysql() {
+    load_killed_midway(Engine::Mysql);
+}
+
+#[test]
+fn load_killed_midway_postgres() {
+    load_killed_midway(Engine::Postgres);
+}
+
+/// No password on any process's command line while dumps and loads run,
+/// nor in the output at the highest verbosity, nor left on disk.
+#[test]
+fn passwords_never_on_a_command_line() {
+    let pw = cluster().db_password.clone();
+    for e in [Engine::Mysql, Engine::Postgres] {
+        let db = format!("okmdb_proc_{}", e.name());
+        fresh_db(e, 0, &db);
+        drop_dbs(e, 1, &db);
+        big_table(e, 0, &db, 150_000);
+    }
+    // Exclusive: other tests' helpers pass the password to clients on their
+    // command lines (tests only), which this scan would see.
+    let _lock = cluster().lock();
+    // The scan itself must be able to see a secret on a command line.
+    let mut canary = Command::new("sh")
+        .args(["-c", "sleep 30", "sh", &pw])
+        .spawn()
+        .unwrap();
+    assert!(
+        command_lines().iter().any(|(_, l)| l.contains(&pw)),
+        "the /proc scan does not see command lines"
+    );
+    canary.kill().unwrap();
+    canary.wait().unwrap();
+
+    for e in [Engine::Mysql, Engine::Postgres] {
+        let db = format!("okmdb_proc_{}", e.name());
+        let mut s = Setup::new_unlocked(&format!("db-proc-{}", e.name()));
+        s.engine = Some(e.name());
+        s.db_name = db.clone();
+        let cfg = s.write();
+        let mut running = hasync()
+            .config(&cfg)
+            .args(["-vvv", "sync", "--db-only"])
+            .spawn();
+        let dump_tool = match e {
+            Engine::Mysql => "mariadb-dump",
+            Engine::Postgres => "pg_dump",
+        };
+        let mut seen_dump = false;
+        let mut scans = 0;
+        while running.child.try_wait().unwrap().is_none() {
+            for (pid, line) in command_lines() {
+                assert!(
+                    !line.contains(&pw),
+                    "password on the command line of pid {pid}: {line}"
+                );
+                seen_dump |= line.contains(dump_tool)
+                    && (line.contains("--defaults-extra-file") || line.contains("--snapshot="));
+            }
+            scans += 1;
+        }
+        let run = running.wait();
+        run.code(0);
+        assert!(
+            seen_dump,
+            "never saw {dump_tool} running ({scans} scans): the check proved nothing"
+        );
+        assert!(
+            !run.stdout.contains(&pw) && !run.stderr.contains(&pw),
+            "password in the output"
+        );
+        for dir in &s.state_dirs {
+            let leftovers: Vec<_> = std::fs::read_dir(dir)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                leftovers.is_empty(),
+                "credential files left in {}: {leftovers:?}",
+                dir.display()
+            );
+        }
+        drop_dbs(e, 0, &db);
+        drop_dbs(e, 1, &db);
+    }
 }

@@ -12,6 +12,7 @@ use crate::harness::{cluster, Cluster};
 enum Guard {
     Shared(RwLockReadGuard<'static, ()>),
     Exclusive(RwLockWriteGuard<'static, ()>),
+    None,
 }
 
 /// What a test config says; `Setup::new` fills in a working default.
@@ -46,6 +47,11 @@ impl Setup {
     /// no other cluster test runs meanwhile.
     pub fn exclusive(label: &str) -> Setup {
         Self::with_guard(label, Guard::Exclusive(cluster().lock()))
+    }
+
+    /// For a test that already holds the cluster's exclusive lock.
+    pub fn new_unlocked(label: &str) -> Setup {
+        Self::with_guard(label, Guard::None)
     }
 
     fn with_guard(label: &str, guard: Guard) -> Setup {
