@@ -63,12 +63,21 @@ pub enum Command {
     /// Prints a checklist per node and exits 4 if anything a replication cycle
     /// needs is missing, with what to do about it.
     Doctor,
-    /// Replicate the primary to its standbys (for now: the file tree, with --files-only).
+    /// Replicate the primary to its standbys (for now: --files-only or --db-only).
     ///
-    /// Makes each standby's root equal to the primary's, minus [files] exclude
-    /// patterns, with rsync-style delta transfers. Files are written to a
-    /// temporary name, verified by hash and renamed, so an interrupted run
-    /// never leaves a half-written file under a real name.
+    /// --files-only makes each standby's root equal to the primary's, minus
+    /// [files] exclude patterns, with rsync-style delta transfers. Files are
+    /// written to a temporary name, verified by hash and renamed, so an
+    /// interrupted run never leaves a half-written file under a real name.
+    ///
+    /// --db-only dumps the primary's database (mariadb-dump/mysqldump
+    /// --single-transaction, or pg_dump) and streams it into NAME__hasync_new
+    /// on the standby, never into the live database. It then checks that the
+    /// copy has the primary's tables, views, routines, triggers and events and
+    /// exactly the rows of the dump's snapshot, runs readonly_sql there, and
+    /// swaps it in atomically; the previous copy stays as NAME__hasync_old
+    /// until the next swap. Any failure leaves the live database untouched.
+    /// Passwords reach the vendor tools in 0600 files, never on a command line.
     Sync(SyncArgs),
     /// Print a shell completion script on stdout.
     Completions(CompletionsArgs),
@@ -91,7 +100,7 @@ pub struct SyncArgs {
     /// Replicate only the file tree.
     #[arg(long, conflicts_with = "db_only")]
     pub files_only: bool,
-    /// Replicate only the database (not built yet).
+    /// Replicate only the database: stage, verify, mark read-only, swap.
     #[arg(long)]
     pub db_only: bool,
     /// Show what would change (itemized, like rsync -n -i) and change nothing.

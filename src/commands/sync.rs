@@ -254,7 +254,7 @@ fn render_db_plan(plan: &DbPlan) -> String {
         plan.tables.len(),
         plan.objects
             .iter()
-            .map(|(k, n)| format!("{n} {k}"))
+            .map(|(k, n)| format!("{k} {n}"))
             .collect::<Vec<_>>()
             .join(", "),
         human_bytes(plan.estimated_bytes)

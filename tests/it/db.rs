@@ -497,9 +497,10 @@ fn passwords_never_on_a_command_line() {
         .args(["-c", "sleep 30", "sh", &pw])
         .spawn()
         .unwrap();
-    assert!(
-        command_lines().iter().any(|(_, l)| l.contains(&pw)),
-        "the /proc scan does not see command lines"
+    wait_until(
+        "the /proc scan to see a canary's command line",
+        Duration::from_secs(10),
+        || command_lines().iter().any(|(_, l)| l.contains(&pw)),
     );
     canary.kill().unwrap();
     canary.wait().unwrap();
@@ -554,4 +555,126 @@ fn passwords_never_on_a_command_line() {
         drop_dbs(e, 0, &db);
         drop_dbs(e, 1, &db);
     }
+}
+
+/// `--dry-run` lists the tables with their rows and the commands, shows no
+/// password, and changes nothing on either node.
+fn dry_run_changes_nothing(e: Engine) {
+    let db = format!("okmdb_dry_{}", e.name());
+    let s = setup(e, &format!("db-dry-{}", e.name()), &db);
+    let cfg = s.write();
+    fresh_db(e, 0, &db);
+    fresh_db(e, 1, &db);
+    as_okm(e, 0, &db, small_schema(e));
+    as_okm(e, 1, &db, &small_schema(e).replace("'a'", "'mirror'"));
+    let before = [dump_text(e, 0, &db), dump_text(e, 1, &db)];
+    let dbs_before = [databases(e, 0, &db), databases(e, 1, &db)];
+
+    let run = hasync()
+        .config(&cfg)
+        .args(["-vv", "sync", "--db-only", "--dry-run"])
+        .run();
+    run.code(0);
+    let dump_tool = if e == Engine::Mysql {
+        "--single-transaction"
+    } else {
+        "pg_dump"
+    };
+    run.stdout_has("doc")
+        .stdout_has("2 tables, 4 rows")
+        .stdout_has(dump_tool)
+        .stdout_has("<redacted>")
+        .stdout_has(&format!("{db}__hasync_new"))
+        .stdout_has("dry run: nothing was changed");
+    assert!(
+        !run.stdout.contains(&cluster().db_password)
+            && !run.stderr.contains(&cluster().db_password)
+    );
+
+    let json = hasync()
+        .config(&cfg)
+        .args(["--json", "sync", "--db-only", "--dry-run"])
+        .run();
+    json.code(0);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON plan");
+    let tables = v[0]["tables"].as_array().expect("tables");
+    assert!(
+        tables
+            .iter()
+            .any(|t| t[0].as_str().is_some_and(|n| n.ends_with("doc")) && t[1] == 3),
+        "{tables:?}"
+    );
+    assert_eq!(v[0]["mirror_database_exists"], true);
+
+    assert_same_dump(&before[0], &dump_text(e, 0, &db), "primary after a dry run");
+    assert_same_dump(&before[1], &dump_text(e, 1, &db), "mirror after a dry run");
+    assert_eq!(dbs_before, [databases(e, 0, &db), databases(e, 1, &db)]);
+    for dir in &s.state_dirs {
+        assert!(!dir.exists(), "a dry run created {}", dir.display());
+    }
+    drop_dbs(e, 0, &db);
+    drop_dbs(e, 1, &db);
+}
+
+#[test]
+fn dry_run_changes_nothing_mysql() {
+    dry_run_changes_nothing(Engine::Mysql);
+}
+
+#[test]
+fn dry_run_changes_nothing_postgres() {
+    dry_run_changes_nothing(Engine::Postgres);
+}
+
+/// A readonly_sql statement that changes nothing (the row it updates is
+/// missing) or a check that is not true stops the phase before the swap:
+/// the live mirror database stays as it was, staging is dropped.
+fn readonly_sql_failure_stops_before_the_swap(e: Engine, statements: Vec<String>, expect: &str) {
+    let db = format!("okmdb_ro_{}", e.name());
+    let mut s = setup(e, &format!("db-ro-{}", e.name()), &db);
+    s.readonly_sql = statements;
+    let cfg = s.write();
+    fresh_db(e, 0, &db);
+    fresh_db(e, 1, &db);
+    as_okm(e, 0, &db, small_schema(e));
+    as_okm(
+        e,
+        0,
+        &db,
+        "INSERT INTO doc (name) VALUES ('only on the primary')",
+    );
+    let before = dump_text(e, 1, &db);
+    let run = hasync().config(&cfg).args(["sync", "--db-only"]).run();
+    run.code(1)
+        .stderr_has("database read-only SQL on okm2")
+        .stderr_has(expect);
+    assert_same_dump(
+        &before,
+        &dump_text(e, 1, &db),
+        "live mirror after a failed readonly_sql",
+    );
+    assert_eq!(databases(e, 1, &db), vec![db.clone()]);
+    drop_dbs(e, 0, &db);
+    drop_dbs(e, 1, &db);
+}
+
+#[test]
+fn readonly_update_of_a_missing_row_fails_mysql() {
+    readonly_sql_failure_stops_before_the_swap(
+        Engine::Mysql,
+        vec!["UPDATE OKM_CONFIG SET CFG_VALUE = 'true' WHERE CFG_KEY = 'system.readonly'".into()],
+        "readonly_sql[0] on okm2",
+    );
+}
+
+#[test]
+fn readonly_check_that_is_false_fails_postgres() {
+    readonly_sql_failure_stops_before_the_swap(
+        Engine::Postgres,
+        vec![
+            "UPDATE okm_config SET cfg_value = 'true' WHERE cfg_key = 'x'".into(),
+            "SELECT count(*) = 2 FROM okm_config".into(),
+        ],
+        "readonly_sql[1] on okm2",
+    );
 }
