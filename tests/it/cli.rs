@@ -214,6 +214,14 @@ fn every_template_parses() {
                 assert!(cfg.nodes.len() >= 2);
                 assert!(cfg.database.is_some() && cfg.schedule.is_some());
             }
+            // Run for real against MariaDB and PostgreSQL by
+            // db::readonly_templates_work.
+            Some("sql") if name.starts_with("readonly-") => {
+                assert!(
+                    !crate::db::sql_statements(&text).is_empty(),
+                    "templates/{name}"
+                );
+            }
             _ => panic!("templates/{name}: no test parses this kind of template; add one here"),
         }
         seen += 1;

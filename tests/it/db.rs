@@ -678,3 +678,75 @@ fn readonly_check_that_is_false_fails_postgres() {
         "readonly_sql[1] on okm2",
     );
 }
+
+/// The statements of an SQL file: `--` comment lines dropped, split at `;`
+/// line ends (as the templates are written).
+pub fn sql_statements(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .split(";\n")
+        .map(|s| s.trim().trim_end_matches(';').trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// templates/readonly-*.sql, used as readonly_sql, mark an OpenKM-like
+/// database read-only whether or not the row existed.
+#[test]
+fn readonly_templates_work() {
+    for e in [Engine::Mysql, Engine::Postgres] {
+        let db = format!("okmdb_tpl_{}", e.name());
+        let mut s = setup(e, &format!("db-tpl-{}", e.name()), &db);
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("templates/readonly-{}.sql", e.name())),
+        )
+        .unwrap();
+        s.readonly_sql = sql_statements(&text);
+        assert_eq!(s.readonly_sql.len(), 2, "{:?}", s.readonly_sql);
+        let cfg = s.write();
+        fresh_db(e, 0, &db);
+        drop_dbs(e, 1, &db);
+        as_okm(e, 0, &db, small_schema(e));
+        let t = config_table(e);
+        let flag = || {
+            admin(
+                e,
+                1,
+                &db,
+                &format!("SELECT CFG_VALUE FROM {t} WHERE CFG_KEY = 'system.readonly'"),
+            )
+        };
+        // The row is missing on the primary: inserted.
+        hasync()
+            .config(&cfg)
+            .args(["sync", "--db-only"])
+            .run()
+            .code(0);
+        assert_eq!(flag().trim(), "true");
+        // The row exists, writable, on the primary: updated.
+        as_okm(
+            e,
+            0,
+            &db,
+            &format!("INSERT INTO {t} VALUES ('system.readonly', 'boolean', 'false')"),
+        );
+        hasync()
+            .config(&cfg)
+            .args(["sync", "--db-only"])
+            .run()
+            .code(0);
+        assert_eq!(flag().trim(), "true");
+        let primary = admin(
+            e,
+            0,
+            &db,
+            &format!("SELECT CFG_VALUE FROM {t} WHERE CFG_KEY = 'system.readonly'"),
+        );
+        assert_eq!(primary.trim(), "false", "the primary stays writable");
+        drop_dbs(e, 0, &db);
+        drop_dbs(e, 1, &db);
+    }
+}
