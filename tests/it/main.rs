@@ -5,6 +5,7 @@
 
 mod agent_attacks;
 mod bench;
+mod bench_db;
 mod cli;
 mod cmd;
 mod config_errors;
