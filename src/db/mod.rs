@@ -157,6 +157,29 @@ pub fn mysql_connect(
     ::mysql::Conn::new(opts).map_err(|e| mysql_error(db, e))
 }
 
+/// The text of a PostgreSQL error: severity, message, SQLSTATE, detail and
+/// hint (the crate's Display says only "db error" for server errors).
+pub fn pg_text(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
+            if let Some(x) = d.detail() {
+                s += &format!("; {x}");
+            }
+            if let Some(x) = d.hint() {
+                s += &format!("; hint: {x}");
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
 /// A [`DbError::Query`] naming what was being done.
 pub fn query_error(engine: Engine, context: &str, e: impl std::fmt::Display) -> DbError {
     DbError::Query {
@@ -199,7 +222,7 @@ fn probe_postgres(
     let mut client = pg_connect(db, password, via, &db.name)?;
     let row = client
         .query_one("SELECT version()", &[])
-        .map_err(|e| query_error(db.engine, "SELECT version()", e))?;
+        .map_err(|e| query_error(db.engine, "SELECT version()", pg_text(&e)))?;
     Ok(row.get::<_, String>(0))
 }
 
@@ -254,6 +277,6 @@ pub fn postgres_error(db: &Database, e: ::postgres::Error) -> DbError {
         engine: db.engine,
         host: db.host.clone(),
         port: db.port,
-        detail: e.to_string(),
+        detail: pg_text(&e),
     }
 }

@@ -18,6 +18,28 @@ use crate::transport::shell_quote;
 
 const E: Engine = Engine::Postgres;
 
+/// A [`DbError::Query`] with the server's own message (the `postgres`
+/// crate's Display says only "db error").
+fn pg_error(context: &str, e: impl PgText) -> DbError {
+    query_error(E, context, e.text())
+}
+
+trait PgText {
+    fn text(self) -> String;
+}
+
+impl PgText for ::postgres::Error {
+    fn text(self) -> String {
+        super::pg_text(&self)
+    }
+}
+
+impl PgText for &str {
+    fn text(self) -> String {
+        self.to_string()
+    }
+}
+
 /// Quote an identifier with double quotes.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -77,13 +99,11 @@ pub fn load_command(db: &Database, passfile: Option<&str>, staging: &str) -> Str
 }
 
 fn q(client: &mut Client, sql: &str) -> Result<Vec<::postgres::Row>, DbError> {
-    client.query(sql, &[]).map_err(|e| query_error(E, sql, e))
+    client.query(sql, &[]).map_err(|e| pg_error(sql, e))
 }
 
 pub fn run(client: &mut Client, sql: &str) -> Result<(), DbError> {
-    client
-        .batch_execute(sql)
-        .map_err(|e| query_error(E, sql, e))
+    client.batch_execute(sql).map_err(|e| pg_error(sql, e))
 }
 
 /// Start a repeatable-read transaction, export its snapshot and return the
@@ -247,7 +267,7 @@ pub fn database_options(client: &mut Client) -> Result<String, DbError> {
 pub fn database_exists(client: &mut Client, name: &str) -> Result<bool, DbError> {
     let rows = client
         .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .map_err(|e| query_error(E, "looking up a database", e))?;
+        .map_err(|e| pg_error("looking up a database", e))?;
     Ok(!rows.is_empty())
 }
 
@@ -261,7 +281,7 @@ fn disconnect(client: &mut Client, names: &[&str]) -> Result<(), DbError> {
              WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
             &[&names],
         )
-        .map_err(|e| query_error(E, "ending sessions on the databases to swap", e))?;
+        .map_err(|e| pg_error("ending sessions on the databases to swap", e))?;
     Ok(())
 }
 
@@ -333,13 +353,11 @@ pub fn run_checked(
     node: &str,
 ) -> Result<usize, DbError> {
     use super::replicate::{check_statement, is_query, Outcome};
-    let mut tx = client
-        .transaction()
-        .map_err(|e| query_error(E, "BEGIN", e))?;
+    let mut tx = client.transaction().map_err(|e| pg_error("BEGIN", e))?;
     for (i, stmt) in statements.iter().enumerate() {
         let outcome = if is_query(stmt) {
             // simple_query returns text, whatever the column type.
-            let msgs = tx.simple_query(stmt).map_err(|e| query_error(E, stmt, e))?;
+            let msgs = tx.simple_query(stmt).map_err(|e| pg_error(stmt, e))?;
             let first = msgs.into_iter().find_map(|m| match m {
                 ::postgres::SimpleQueryMessage::Row(r) => {
                     Some(r.get(0).unwrap_or("NULL").to_string())
@@ -350,11 +368,11 @@ pub fn run_checked(
         } else {
             Outcome::Rows(
                 tx.execute(stmt.as_str(), &[])
-                    .map_err(|e| query_error(E, stmt, e))?,
+                    .map_err(|e| pg_error(stmt, e))?,
             )
         };
         check_statement(E, i, stmt, &outcome, node)?;
     }
-    tx.commit().map_err(|e| query_error(E, "COMMIT", e))?;
+    tx.commit().map_err(|e| pg_error("COMMIT", e))?;
     Ok(statements.len())
 }

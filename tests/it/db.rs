@@ -855,3 +855,64 @@ fn full_round_trip_mysql() {
 fn full_round_trip_postgres() {
     full_round_trip(Engine::Postgres);
 }
+
+/// An object whose DEFINER (MySQL) or OWNER (PostgreSQL) is an account the
+/// mirror lacks: a clear error saying what to create, the live database
+/// untouched.
+fn foreign_owner_is_a_clear_error(e: Engine) {
+    let db = format!("okmdb_owner_{}", e.name());
+    let s = setup(e, &format!("db-owner-{}", e.name()), &db);
+    let cfg = s.write();
+    fresh_db(e, 0, &db);
+    fresh_db(e, 1, &db);
+    as_okm(e, 0, &db, small_schema(e));
+    as_okm(e, 1, &db, small_schema(e));
+    let expect = match e {
+        Engine::Mysql => {
+            // The admin (root@localhost) defines a view: okm may not
+            // create a view with another account as its DEFINER.
+            admin(
+                e,
+                0,
+                &db,
+                "CREATE DEFINER = `root`@`localhost` VIEW root_view AS SELECT 1 AS one",
+            );
+            "DEFINER"
+        }
+        Engine::Postgres => {
+            admin(
+                e,
+                0,
+                &db,
+                "DROP ROLE IF EXISTS okm_other; CREATE ROLE okm_other; CREATE TABLE other_owned (id int); ALTER TABLE other_owned OWNER TO okm_other; GRANT SELECT ON other_owned TO okm;",
+            );
+            "create that role on the mirror"
+        }
+    };
+    let before = dump_text(e, 1, &db);
+    let run = hasync().config(&cfg).args(["sync", "--db-only"]).run();
+    run.code(1)
+        .stderr_has("database load on okm2")
+        .stderr_has(expect);
+    assert_same_dump(
+        &before,
+        &dump_text(e, 1, &db),
+        "live mirror after a refused load",
+    );
+    assert_eq!(databases(e, 1, &db), vec![db.clone()]);
+    drop_dbs(e, 0, &db);
+    drop_dbs(e, 1, &db);
+    if e == Engine::Postgres {
+        admin(e, 0, "postgres", "DROP ROLE IF EXISTS okm_other");
+    }
+}
+
+#[test]
+fn foreign_definer_is_a_clear_error_mysql() {
+    foreign_owner_is_a_clear_error(Engine::Mysql);
+}
+
+#[test]
+fn foreign_owner_is_a_clear_error_postgres() {
+    foreign_owner_is_a_clear_error(Engine::Postgres);
+}
