@@ -394,7 +394,19 @@ fn check_database(c: &mut Checks, t: &dyn Transport, node: &Node) {
             return;
         }
     };
-    match crate::db::probe(db, password.as_deref(), tunnel.local_addr) {
+    let probe = match crate::db::probe(db, password.as_deref(), tunnel.local_addr) {
+        // A standby's database is created by its first sync: check the login.
+        Err(crate::db::DbError::NoSuchDatabase { .. }) if node.initial_role == Role::Standby => {
+            crate::db::probe_server(db, password.as_deref(), tunnel.local_addr).map(|v| {
+                format!(
+                    "{v}; {} does not exist yet, the first sync creates it",
+                    db.name
+                )
+            })
+        }
+        other => other,
+    };
+    match probe {
         Ok(v) => c.ok(
             "database",
             format!(

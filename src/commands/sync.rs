@@ -184,7 +184,7 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             continue;
         }
         log.info(&format!(
-            "{} -> {}: database {} ({}) replicated: {} tables, {} rows, {} objects verified, {} of dump, {:.1}s; the previous copy is kept as {}",
+            "{} -> {}: database {} ({}) replicated: {} tables, {} rows, {} objects verified, {} of dump, {:.1}s; {}",
             s.from,
             s.to,
             s.database,
@@ -194,7 +194,10 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             s.objects,
             human_bytes(s.bytes),
             started.elapsed().as_secs_f64(),
-            s.previous
+            match &s.previous {
+                Some(p) => format!("the previous copy is kept as {p}"),
+                None => "the mirror had no previous copy".into(),
+            }
         ));
         for p in &s.phases {
             let mut line = format!("{}: {:<13} {:>7.2}s", s.to, p.name, p.secs);

@@ -122,6 +122,32 @@ pub fn probe(db: &Database, password: Option<&str>, via: SocketAddr) -> Result<S
     }
 }
 
+/// Like [`probe`], without the database itself: the server and the login
+/// (for a standby whose database the first sync will create).
+pub fn probe_server(
+    db: &Database,
+    password: Option<&str>,
+    via: SocketAddr,
+) -> Result<String, DbError> {
+    match db.engine {
+        Engine::Mysql => {
+            use ::mysql::prelude::Queryable;
+            let mut conn = mysql_connect(db, password, via, None)?;
+            let version: Option<String> = conn
+                .query_first("SELECT VERSION()")
+                .map_err(|e| query_error(db.engine, "SELECT VERSION()", e))?;
+            Ok(version.unwrap_or_default())
+        }
+        Engine::Postgres => {
+            let mut client = pg_connect(db, password, via, "postgres")?;
+            let row = client
+                .query_one("SELECT version()", &[])
+                .map_err(|e| query_error(db.engine, "SELECT version()", pg_text(&e)))?;
+            Ok(row.get::<_, String>(0))
+        }
+    }
+}
+
 fn probe_mysql(db: &Database, password: Option<&str>, via: SocketAddr) -> Result<String, DbError> {
     use ::mysql::prelude::Queryable;
     let mut conn = mysql_connect(db, password, via, Some(&db.name))?;

@@ -443,6 +443,8 @@ fn create_one(conn: &mut Conn, d: &Def) -> Result<(), DbError> {
 /// What a swap did besides the move.
 #[derive(Debug, Default)]
 pub struct SwapReport {
+    /// Whether the live database existed (and is now the previous copy).
+    pub had_live: bool,
     pub tables_moved: usize,
     pub objects_created: usize,
     /// Problems that did not stop the swap (the previous copy's views could
@@ -461,16 +463,22 @@ fn rename_statement(moves: &[(&str, &str, &str)]) -> String {
 /// Replace the live database's contents with the staging database's. See
 /// the module docs. On error the live database is as it was.
 pub fn swap(conn: &mut Conn, live: &str, staging: &str, old: &str) -> Result<SwapReport, DbError> {
-    let mut report = SwapReport::default();
     let new_defs = definitions(conn, staging)?;
     let live_exists = schema_exists(conn, live)?;
+    let mut report = SwapReport {
+        had_live: live_exists,
+        ..SwapReport::default()
+    };
     let live_defs = if live_exists {
         definitions(conn, live)?
     } else {
         Vec::new()
     };
     let (cs, coll) = charset(conn, staging)?;
-    run(conn, "USE mysql").or_else(|_| run(conn, &format!("USE {}", ident(staging))))?;
+    // RENAME TABLE waits for open transactions on the tables, by default for
+    // a day: a session left open on the mirror should fail the swap, not hang.
+    run(conn, "SET SESSION lock_wait_timeout = 60")?;
+    run(conn, &format!("USE {}", ident(staging)))?;
     drop_database(conn, old)?;
     run(
         conn,

@@ -307,7 +307,8 @@ pub fn create_staging(client: &mut Client, staging: &str, options: &str) -> Resu
 
 /// Rename live -> old and staging -> live in one transaction, after
 /// dropping the copy before the previous one. On error nothing was renamed.
-pub fn swap(client: &mut Client, live: &str, staging: &str, old: &str) -> Result<(), DbError> {
+/// Returns whether there was a live database (now the previous copy).
+pub fn swap(client: &mut Client, live: &str, staging: &str, old: &str) -> Result<bool, DbError> {
     drop_database(client, old)?;
     let live_exists = database_exists(client, live)?;
     retry_in_use(|| {
@@ -326,7 +327,8 @@ pub fn swap(client: &mut Client, live: &str, staging: &str, old: &str) -> Result
             let _ = client.batch_execute("ROLLBACK");
         }
         r
-    })
+    })?;
+    Ok(live_exists)
 }
 
 /// Retry `f` while it fails because a session (re)connected in between.

@@ -84,7 +84,8 @@ pub struct DbSummary {
     pub from: String,
     pub to: String,
     pub database: String,
-    pub previous: String,
+    /// Where the mirror's previous copy is kept (`None`: it had none).
+    pub previous: Option<String>,
     pub tables: usize,
     pub rows: u64,
     /// Bytes of dump streamed.
@@ -444,7 +445,7 @@ fn stream(
 
 fn load_hint(stderr: &str) -> &'static str {
     if stderr.contains("ERROR 1227") || stderr.contains("SET USER") {
-        "\nhint: the dump has objects whose DEFINER is an account the mirror lacks or that the [database] user may not impersonate; create that account on the mirror (with the same privileges), or make the [database] user the DEFINER on the primary"
+        "\nhint: the dump has objects whose DEFINER is an account the [database] user may not act as. If it is that user with another host part (`okm`@`localhost` while hasync logs in over TCP as `okm`@`127.0.0.1`), set [database] host so hasync logs in as the same account (host = \"localhost\" uses the socket); otherwise create that account on the mirror, or make the [database] user the DEFINER on the primary"
     } else if stderr.contains("role") && stderr.contains("does not exist") {
         "\nhint: the dump names a role (an OWNER or a GRANT) the mirror lacks; create that role on the mirror"
     } else if stderr.contains("must be owner") || stderr.contains("must be member of role") {
@@ -536,7 +537,7 @@ fn summary(src: &End, dst: &End) -> DbSummary {
         from: src.name().to_string(),
         to: dst.name().to_string(),
         database: dst.db.name.clone(),
-        previous: previous_name(&dst.db.name),
+        previous: None,
         tables: 0,
         rows: 0,
         bytes: 0,
@@ -654,6 +655,7 @@ fn replicate_mysql(
         }
     };
     out.warnings.extend(report.warnings);
+    out.previous = report.had_live.then(|| previous_name(&dst.db.name));
     let checks = queries(&dst.db.readonly_sql);
     mysql::run_checked(&mut mc, &dst.db.name, &checks, dst.name())
         .map_err(|e| fail("read-only check after the swap", dst.name(), e))?;
@@ -778,14 +780,17 @@ fn replicate_pg(src: &End, dst: &End, progress: &dyn DbProgress) -> Result<DbSum
 
     let t = Instant::now();
     progress.phase("swap");
-    if let Err(e) = pg::swap(
+    match pg::swap(
         &mut mm,
         &dst.db.name,
         &staging,
         &previous_name(&dst.db.name),
     ) {
-        let _ = pg::drop_database(&mut mm, &staging);
-        return Err(fail("swap", dst.name(), e));
+        Ok(had_live) => out.previous = had_live.then(|| previous_name(&dst.db.name)),
+        Err(e) => {
+            let _ = pg::drop_database(&mut mm, &staging);
+            return Err(fail("swap", dst.name(), e));
+        }
     }
     let checks = queries(&dst.db.readonly_sql);
     if !checks.is_empty() {

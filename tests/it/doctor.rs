@@ -52,9 +52,26 @@ fn demo() {
         }
     }
     edits.push(("database", "password_file", quoted(&c.db_password_file)));
+    // A database of the demo's own (the okm user may create okmdb*).
+    edits.push(("database", "name", Some("\"okmdb_demo\"".into())));
     let text = edit_toml(&template, &edits);
     std::fs::write(&path, &text).unwrap();
     println!("--- {} ---\n{text}", path.display());
+
+    // The primary's database (the mirror has none yet: the first sync
+    // creates it, and doctor says so).
+    use crate::db::{admin, as_okm, drop_dbs, fresh_db, Engine};
+    fresh_db(Engine::Mysql, 0, "okmdb_demo");
+    drop_dbs(Engine::Mysql, 1, "okmdb_demo");
+    as_okm(
+        Engine::Mysql,
+        0,
+        "okmdb_demo",
+        "CREATE TABLE OKM_CONFIG (CFG_KEY VARCHAR(255) PRIMARY KEY, CFG_TYPE VARCHAR(32), CFG_VALUE TEXT);\n\
+         INSERT INTO OKM_CONFIG VALUES ('system.readonly', 'boolean', 'false');\n\
+         CREATE TABLE OKM_NODE_DOCUMENT (NBS_UUID CHAR(36) PRIMARY KEY, NDC_TITLE VARCHAR(255), NDC_SIZE BIGINT);\n\
+         INSERT INTO OKM_NODE_DOCUMENT VALUES (UUID(), 'report.pdf', 25), (UUID(), 'notes.txt', 5);",
+    );
 
     let r = hasync().config(&path).args(["doctor"]).run();
     println!(
@@ -120,6 +137,32 @@ fn demo() {
             && standby.contains_key("webapps/OpenKM.war")
     );
     assert!(!standby.contains_key("repository/.system.key") && !standby.contains_key("logs"));
+
+    // And the database. The template's readonly_sql marks the mirror
+    // read-only.
+    for args in [
+        &["sync", "--db-only", "--dry-run"][..],
+        &["sync", "--db-only"],
+    ] {
+        let r = hasync().config(&path).args(args).run();
+        println!(
+            "$ hasync -c {} {}\n{}{}",
+            path.display(),
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        r.code(0);
+    }
+    let flag = admin(
+        Engine::Mysql,
+        1,
+        "okmdb_demo",
+        "SELECT CFG_VALUE FROM OKM_CONFIG WHERE CFG_KEY = 'system.readonly'",
+    );
+    assert_eq!(flag.trim(), "true", "the mirror is read-only");
+    drop_dbs(Engine::Mysql, 0, "okmdb_demo");
+    drop_dbs(Engine::Mysql, 1, "okmdb_demo");
 }
 
 #[test]
