@@ -940,6 +940,66 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
 mod tests {
     use super::*;
 
+    fn t(name: &str) -> TableName {
+        TableName {
+            schema: "public".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn counts_must_match_table_by_table() {
+        let want: BTreeMap<_, _> = [(t("a"), 3), (t("b"), 0)].into();
+        let same: BTreeMap<_, _> = [(t("a"), 3)].into();
+        assert_eq!(verify_counts(&want, &same, "the dump", "okm2").unwrap(), 3);
+        let short: BTreeMap<_, _> = [(t("a"), 2), (t("c"), 1)].into();
+        let e = verify_counts(&want, &short, "the dump", "okm2").unwrap_err();
+        assert_eq!(e.step, "verify");
+        assert!(e.detail.contains("2 table(s)"), "{e}");
+        assert!(
+            e.detail.contains("public.a: 3 in the dump, 2 in staging"),
+            "{e}"
+        );
+        assert!(
+            e.detail.contains("public.c: 0 in the dump, 1 in staging"),
+            "{e}"
+        );
+        assert!(
+            e.detail.contains("the live database was not touched"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn objects_and_sequences_must_match() {
+        let mut primary = Catalog::default();
+        primary.objects.insert(("view".into(), "public.v".into()));
+        primary
+            .objects
+            .insert(("trigger".into(), "tr on public.a".into()));
+        primary.sequences.insert("public.s".into(), Some(10));
+        let mut staging = primary.clone();
+        assert!(verify_objects(&primary, &staging, "okm2").is_ok());
+        staging.sequences.insert("public.s".into(), Some(12));
+        assert!(
+            verify_objects(&primary, &staging, "okm2").is_ok(),
+            "ahead is fine"
+        );
+        staging.sequences.insert("public.s".into(), Some(9));
+        let e = verify_objects(&primary, &staging, "okm2").unwrap_err();
+        assert!(e.detail.contains("public.s"), "{e}");
+        staging.sequences.insert("public.s".into(), Some(10));
+        staging.objects.remove(&("view".into(), "public.v".into()));
+        staging
+            .objects
+            .insert(("function".into(), "public.f()".into()));
+        let e = verify_objects(&primary, &staging, "okm2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing after the load: view public.v"), "{e}");
+        assert!(e.contains("not on the primary: function public.f()"), "{e}");
+    }
+
     #[test]
     fn statement_checks() {
         let rows = |n| Outcome::Rows(n);
