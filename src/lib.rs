@@ -16,9 +16,15 @@
 
 pub mod agent;
 pub mod config;
+pub mod cycle;
 pub mod db;
 pub mod doctor;
+pub mod hooks;
+pub mod lock;
 pub mod schedule;
+pub mod service;
+pub mod signals;
+pub mod state;
 pub mod sync;
 pub mod transport;
 pub mod version;

@@ -18,6 +18,7 @@ pub fn stdout(text: &str) {
 }
 
 /// Messages on stderr, filtered by -v / -q.
+#[derive(Clone, Copy)]
 pub struct Log {
     /// 0 = errors only, 1 = warnings, 2 = normal, 3+ = verbose.
     level: i8,

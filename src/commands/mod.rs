@@ -2,6 +2,7 @@
 //! prints; none holds logic an engine should own.
 
 mod agent;
+mod cycle;
 mod docs;
 mod doctor;
 mod init;

@@ -18,10 +18,7 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         return run_db(cli, args, log);
     }
     if !args.files_only {
-        bail!(
-            "the full replication cycle (stop services, files, database, restart) is not built yet; \
-             run `hasync sync --files-only` and `hasync sync --db-only`"
-        );
+        return super::cycle::run(cli, args, log);
     }
     let config = super::load_config(cli, log)?;
     let primary = config.initial_primary();
@@ -173,7 +170,7 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         }
         let reporter = DbReporter::new(&standby.name, cli.global.no_progress, cli.global.quiet > 0);
         let started = std::time::Instant::now();
-        let outcome = db::replicate::replicate(primary, standby, &reporter);
+        let outcome = db::replicate::replicate(primary, standby, &reporter, None);
         reporter.finish();
         let s = outcome?;
         for w in &s.warnings {

@@ -152,6 +152,9 @@ pub struct Database {
     pub password_file: Option<PathBuf>,
     pub readonly_sql: Vec<String>,
     pub readwrite_sql: Vec<String>,
+    /// Start the primary's service again as soon as the dump's snapshot is
+    /// taken instead of after the whole database phase (see the template).
+    pub early_restart: bool,
 }
 
 impl Database {

@@ -103,6 +103,8 @@ struct RawDatabase {
     readonly_sql: Vec<String>,
     #[serde(default)]
     readwrite_sql: Vec<String>,
+    #[serde(default)]
+    early_restart: bool,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +305,7 @@ pub(super) fn parse(path: &Path, text: &str, check_files: bool) -> Result<Config
             password_file,
             readonly_sql: d.readonly_sql.clone(),
             readwrite_sql: d.readwrite_sql.clone(),
+            early_restart: d.early_restart,
         }
     });
 

@@ -345,6 +345,7 @@ fn stream(
     load: &str,
     format: Format,
     progress: &dyn DbProgress,
+    mut on_tables: Option<&SnapshotHook<'_>>,
 ) -> Result<RowCounter, StepError> {
     let mut loader = dst.t.spawn(load).map_err(|e| fail("load", dst.name(), e))?;
     let mut dumper = match src.t.spawn(dump) {
@@ -366,6 +367,11 @@ fn stream(
             Ok(n) => {
                 counter.feed(&buf[..n]);
                 progress.streamed(counter.bytes());
+                if counter.tables_started() {
+                    if let Some(hook) = on_tables.take() {
+                        hook();
+                    }
+                }
                 if let Err(e) = stdin.write_all(&buf[..n]) {
                     write_error = Some(e);
                     break;
@@ -377,6 +383,10 @@ fn stream(
                 break;
             }
         }
+    }
+    if let Some(hook) = on_tables.take() {
+        // A dump without tables: it has ended, so the snapshot is moot.
+        hook();
     }
     let stream_broke = write_error.is_some() || read_error.is_some();
     if stream_broke {
@@ -518,16 +528,24 @@ fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Called once the dump's snapshot is taken (the early restart of the
+/// primary's service).
+pub type SnapshotHook<'a> = dyn Fn() + Sync + 'a;
+
 /// Replicate the primary's database into the mirror's. See the module docs.
+/// `on_snapshot` runs as soon as the dump's snapshot is fixed: PostgreSQL
+/// after the exported snapshot's rows were counted, MySQL once mysqldump has
+/// started its transaction (its first table appeared in the stream).
 pub fn replicate(
     primary: &Node,
     mirror: &Node,
     progress: &dyn DbProgress,
+    on_snapshot: Option<&SnapshotHook<'_>>,
 ) -> Result<DbSummary, StepError> {
     let (src, dst) = open_both(primary, mirror)?;
     match src.db.engine {
-        Engine::Mysql => replicate_mysql(&src, &dst, progress),
-        Engine::Postgres => replicate_pg(&src, &dst, progress),
+        Engine::Mysql => replicate_mysql(&src, &dst, progress, on_snapshot),
+        Engine::Postgres => replicate_pg(&src, &dst, progress, on_snapshot),
     }
 }
 
@@ -552,6 +570,7 @@ fn replicate_mysql(
     src: &End,
     dst: &End,
     progress: &dyn DbProgress,
+    on_snapshot: Option<&SnapshotHook<'_>>,
 ) -> Result<DbSummary, StepError> {
     let mut out = summary(src, dst);
     let staging = staging_name(&dst.db.name);
@@ -588,6 +607,7 @@ fn replicate_mysql(
                 &mysql::load_command(&mf.path, &staging),
                 Format::Mysql,
                 progress,
+                on_snapshot,
             )?
         };
         out.bytes = counter.bytes();
@@ -674,7 +694,12 @@ fn queries(statements: &[String]) -> Vec<String> {
     statements.iter().filter(|s| is_query(s)).cloned().collect()
 }
 
-fn replicate_pg(src: &End, dst: &End, progress: &dyn DbProgress) -> Result<DbSummary, StepError> {
+fn replicate_pg(
+    src: &End,
+    dst: &End,
+    progress: &dyn DbProgress,
+    on_snapshot: Option<&SnapshotHook<'_>>,
+) -> Result<DbSummary, StepError> {
     let mut out = summary(src, dst);
     let staging = staging_name(&dst.db.name);
     let mut pc = src.pg(&src.db.name)?;
@@ -683,6 +708,9 @@ fn replicate_pg(src: &End, dst: &End, progress: &dyn DbProgress) -> Result<DbSum
     let pcounts =
         pg::counts(&mut pc, &pcat.tables).map_err(|e| fail("preflight", src.name(), e))?;
     let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
+    if let Some(hook) = on_snapshot {
+        hook();
+    }
     let mut mm = dst.pg_maintenance()?;
     pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
 
@@ -715,6 +743,7 @@ fn replicate_pg(src: &End, dst: &End, progress: &dyn DbProgress) -> Result<DbSum
                 &pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging),
                 Format::Postgres,
                 progress,
+                None,
             )?
         };
         // The snapshot is no longer needed once pg_dump ended.

@@ -61,6 +61,8 @@ pub struct RowCounter {
     /// The last bytes seen, to check the dump's completion marker.
     tail: Vec<u8>,
     bytes: u64,
+    /// A `CREATE TABLE` has passed: mysqldump has started its transaction.
+    tables_started: bool,
 }
 
 impl RowCounter {
@@ -73,6 +75,7 @@ impl RowCounter {
             rows: BTreeMap::new(),
             tail: Vec::new(),
             bytes: 0,
+            tables_started: false,
         }
     }
 
@@ -83,6 +86,14 @@ impl RowCounter {
     /// Rows per table seen so far. Tables the dump had no rows for are absent.
     pub fn rows(&self) -> &BTreeMap<TableName, u64> {
         &self.rows
+    }
+
+    /// Whether the dump has begun writing tables. mysqldump
+    /// `--single-transaction` starts its consistent snapshot before it dumps
+    /// the first table, so from here on the primary may run again without
+    /// changing what the dump contains (for transactional tables).
+    pub fn tables_started(&self) -> bool {
+        self.tables_started
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -145,6 +156,9 @@ impl RowCounter {
                     && self.start_values()
                 {
                     return;
+                }
+                if !self.tables_started && self.head.as_slice() == b"CREATE TABLE" {
+                    self.tables_started = true;
                 }
                 if self.head.len() > HEAD_MAX || !self.could_be_data_head() {
                     self.head.clear();
@@ -227,7 +241,12 @@ impl RowCounter {
             Format::Postgres => b"COPY ",
         };
         let n = self.head.len().min(want.len());
-        self.head[..n] == want[..n]
+        if self.head[..n] == want[..n] {
+            return true;
+        }
+        let marker = b"CREATE TABLE";
+        let m = self.head.len().min(marker.len());
+        !self.tables_started && self.head.len() <= marker.len() && self.head[..m] == marker[..m]
     }
 
     fn end_head_line(&mut self) {
@@ -374,6 +393,7 @@ mod tests {
             assert_eq!(c.rows().get(&t("", "m")), Some(&2), "chunk {chunk}");
             assert_eq!(c.rows().len(), 4);
             assert!(c.complete());
+            assert!(c.tables_started());
             assert_eq!(c.bytes(), dump.len() as u64);
         }
     }

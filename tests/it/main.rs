@@ -9,6 +9,7 @@ mod bench_db;
 mod cli;
 mod cmd;
 mod config_errors;
+mod cycle;
 mod db;
 mod doctor;
 mod filter_rsync;

@@ -1,0 +1,148 @@
+//! `hasync sync` without `--files-only` / `--db-only`: the whole cycle (see
+//! `hasync::cycle`), or with `--dry-run` its plan.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use hasync::cycle::{self, Cycle, CycleOptions, CycleUi};
+use hasync::db::replicate::DbProgress;
+use hasync::sync::Progress;
+
+use crate::cli::{Cli, SyncArgs};
+use crate::exit::Exit;
+use crate::output::{self, Log};
+use crate::progress::{DbReporter, Reporter};
+
+struct Ui {
+    log: Log,
+    no_progress: bool,
+    quiet: bool,
+}
+
+impl CycleUi for Ui {
+    fn info(&self, msg: &str) {
+        self.log.info(msg);
+    }
+    fn warn(&self, msg: &str) {
+        self.log.warn(msg);
+    }
+    fn files_progress(&self, node: &str) -> Box<dyn Progress> {
+        Box::new(Reporter::new(node, self.no_progress, self.quiet))
+    }
+    fn db_progress(&self, node: &str) -> Box<dyn DbProgress> {
+        Box::new(DbReporter::new(node, self.no_progress, self.quiet))
+    }
+}
+
+pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
+    let config = super::load_config(cli, log)?;
+    if args.dry_run {
+        return dry_run(cli, args, log, &config);
+    }
+    hasync::signals::install();
+    let opts = CycleOptions {
+        checksum: args.checksum,
+        max_delete: args.max_delete,
+        to: args.to.clone(),
+    };
+    let ui = Arc::new(Ui {
+        log: *log,
+        no_progress: cli.global.no_progress,
+        quiet: cli.global.quiet > 0,
+    });
+    let c = Cycle::connect(&config, &opts, ui)
+        .map_err(|e| anyhow::anyhow!("{e}; nothing was stopped"))?;
+    let report = c.run(&opts);
+    if cli.global.json {
+        output::stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?));
+    }
+    let line = cycle::summary_line(&report);
+    match report.outcome.as_str() {
+        "ok" => {
+            log.info(&line);
+            Ok(Exit::Ok)
+        }
+        _ => bail!("{line}"),
+    }
+}
+
+/// The plan of a cycle: the service commands on each node, the file plan
+/// and the database plan. Changes nothing anywhere.
+fn dry_run(cli: &Cli, args: &SyncArgs, log: &Log, config: &hasync::config::Config) -> Result<Exit> {
+    let primary = config.initial_primary();
+    let standbys: Vec<_> = config
+        .nodes
+        .iter()
+        .filter(|n| n.initial_role == hasync::config::Role::Standby)
+        .filter(|n| args.to.as_ref().is_none_or(|t| &n.name == t))
+        .collect();
+    let svc = |n: &hasync::config::Node, what: &str| match &n.service {
+        Some(s) => {
+            let cmd = if what == "stop" { &s.stop } else { &s.start };
+            let mut line = format!(
+                "  [{}] {what}: {cmd}  (then `{}` until it says {}, at most {} s",
+                n.name,
+                s.status,
+                if what == "stop" { "stopped" } else { "running" },
+                s.timeout.as_secs()
+            );
+            if what == "start" {
+                if let Some(u) = &s.health_url {
+                    line += &format!(", and {u} until 2xx");
+                }
+            }
+            line + ")\n"
+        }
+        None => format!(
+            "  [{}] {what}: no [nodes.{}.service]: nothing to {what}\n",
+            n.name, n.name
+        ),
+    };
+    let mut s = format!(
+        "cycle plan: {} -> {}\n  preflight: every service answers status, every database a login; lock {}/cycle.lock on each node\n  warm file pass (services still running)\n",
+        primary.name,
+        standbys.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        "state_dir"
+    );
+    for n in &standbys {
+        s += &svc(n, "stop");
+    }
+    s += &svc(primary, "stop");
+    s += "  final file pass: what changed since the warm pass (the plan below is for now)\n";
+    if config.database.is_some() {
+        let early = primary.database.as_ref().is_some_and(|d| d.early_restart);
+        s += &format!(
+            "  database phase (plan below){}\n",
+            if early {
+                "; early_restart: the primary starts once the dump's snapshot is taken"
+            } else {
+                ""
+            }
+        );
+    }
+    s += &svc(primary, "start");
+    for n in &standbys {
+        s += &svc(n, "start");
+    }
+    s += "  record the outcome in each node's state_dir/state.json; run the on_success / on_failure hook\n\n";
+    output::stdout(&s);
+    let files_args = SyncArgs {
+        files_only: true,
+        db_only: false,
+        dry_run: true,
+        checksum: args.checksum,
+        max_delete: args.max_delete,
+        to: args.to.clone(),
+    };
+    super::sync::run(cli, &files_args, log)?;
+    if config.database.is_some() {
+        output::stdout("\n");
+        let db_args = SyncArgs {
+            files_only: false,
+            db_only: true,
+            ..files_args
+        };
+        super::sync::run(cli, &db_args, log)?;
+    }
+    Ok(Exit::Ok)
+}

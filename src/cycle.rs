@@ -1,0 +1,620 @@
+//! The replication cycle: what `hasync sync` runs, from cron or the daemon.
+//!
+//! preflight → lock → warm file pass (services still running) → stop the
+//! standbys' services, then the primary's → final file pass (only what
+//! changed since the warm pass) → database phase → start the primary
+//! (health) → start the standbys (read-only) → record, hooks.
+//!
+//! **Restart guarantee.** Whatever the cycle stopped it starts again before
+//! it returns: on success, on every error, and on SIGINT / SIGTERM (the
+//! signal thread runs the same [`Cycle::finish`], then exits 130; a second
+//! signal aborts at once). The primary is started first and as early as
+//! consistency allows: after the database phase, or, with `[database]
+//! early_restart`, as soon as the dump's snapshot is taken. If a start
+//! fails, the error says which node's service is down and why.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::{Config, Node, Role};
+use crate::db::replicate::{self as dbrep, DbProgress, DbSummary};
+use crate::lock::{self, CycleLock, Holder};
+use crate::service;
+use crate::state::{self, CycleRecord, PhaseTime};
+use crate::sync::{self, Conn, Progress, SyncOptions};
+use crate::transport::{self, Transport};
+
+/// What the CLI gives the cycle: log lines and progress displays.
+pub trait CycleUi: Send + Sync {
+    fn info(&self, msg: &str);
+    fn warn(&self, msg: &str);
+    fn files_progress(&self, node: &str) -> Box<dyn Progress>;
+    fn db_progress(&self, node: &str) -> Box<dyn DbProgress>;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CycleOptions {
+    pub checksum: bool,
+    pub max_delete: Option<u64>,
+    /// Only this standby.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FilePass {
+    pub standby: String,
+    pub created: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+/// What a cycle did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleReport {
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub primary: String,
+    pub standbys: Vec<String>,
+    pub started: String,
+    pub ended: String,
+    pub secs: f64,
+    /// How long the primary's service was down.
+    pub outage_secs: Option<f64>,
+    pub phases: Vec<PhaseTime>,
+    pub files: Vec<FilePass>,
+    pub databases: Vec<DbSummary>,
+    /// Services that could not be started again, with why.
+    pub still_down: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Progress_ {
+    /// Indices into `Cycle::nodes` of the services this cycle stopped, in
+    /// stop order, not yet started again.
+    stopped: Vec<usize>,
+    phases: Vec<PhaseTime>,
+    phase: Option<(String, Instant)>,
+    outage_start: Option<Instant>,
+    outage: Option<f64>,
+    files: Vec<FilePass>,
+    databases: Vec<DbSummary>,
+    warnings: Vec<String>,
+    /// Set by the first `finish`; nothing runs after it.
+    finished: bool,
+}
+
+pub struct Cycle {
+    config: Config,
+    nodes: Vec<Node>,
+    transports: Vec<Arc<dyn Transport>>,
+    primary: usize,
+    standbys: Vec<usize>,
+    ui: Arc<dyn CycleUi>,
+    started_at: String,
+    started: Instant,
+    state: Mutex<Progress_>,
+    lock: Mutex<Option<CycleLock>>,
+}
+
+/// Why a cycle stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {detail}")]
+pub struct CycleError {
+    pub step: String,
+    pub detail: String,
+}
+
+fn err(step: &str, detail: impl std::fmt::Display) -> CycleError {
+    CycleError {
+        step: step.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+impl Cycle {
+    /// Connect to every node of the cycle (in parallel). Nothing is changed.
+    pub fn connect(
+        config: &Config,
+        opts: &CycleOptions,
+        ui: Arc<dyn CycleUi>,
+    ) -> Result<Arc<Cycle>, CycleError> {
+        let primary_node = config.initial_primary();
+        let mut nodes = vec![primary_node.clone()];
+        nodes.extend(
+            config
+                .nodes
+                .iter()
+                .filter(|n| n.initial_role == Role::Standby)
+                .filter(|n| opts.to.as_ref().is_none_or(|t| &n.name == t))
+                .cloned(),
+        );
+        if nodes.len() < 2 {
+            return Err(err(
+                "preflight",
+                format!(
+                    "no standby named {:?} in {}",
+                    opts.to.as_deref().unwrap_or(""),
+                    config.path.display()
+                ),
+            ));
+        }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .map(|n| s.spawn(move || transport::connect(&n.endpoint)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("connect thread panicked"))
+                .collect()
+        });
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        for (n, r) in nodes.iter().zip(results) {
+            let t = r.map_err(|e| err("preflight", format!("node {}: {e}", n.name)))?;
+            transports.push(Arc::from(t));
+        }
+        let standbys = (1..nodes.len()).collect();
+        Ok(Arc::new(Cycle {
+            config: config.clone(),
+            nodes,
+            transports,
+            primary: 0,
+            standbys,
+            ui,
+            started_at: state::now(),
+            started: Instant::now(),
+            state: Mutex::new(Progress_::default()),
+            lock: Mutex::new(None),
+        }))
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, Progress_> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn t(&self, i: usize) -> &dyn Transport {
+        &*self.transports[i]
+    }
+
+    fn begin(&self, phase: &str) -> Result<(), CycleError> {
+        let mut st = self.st();
+        if st.finished {
+            return Err(err(phase, "the cycle is being aborted"));
+        }
+        st.phase = Some((phase.to_string(), Instant::now()));
+        drop(st);
+        self.ui.info(&format!("{} BEGIN {phase}", state::now()));
+        Ok(())
+    }
+
+    fn end(&self) {
+        let mut st = self.st();
+        if let Some((name, t)) = st.phase.take() {
+            let secs = t.elapsed().as_secs_f64();
+            st.phases.push(PhaseTime {
+                name: name.clone(),
+                secs,
+            });
+            drop(st);
+            self.ui
+                .info(&format!("{} END {name} ({secs:.1} s)", state::now()));
+        }
+    }
+
+    fn current_phase(&self) -> String {
+        self.st()
+            .phase
+            .as_ref()
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| "between phases".into())
+    }
+
+    /// Preflight: every node's service answers `status`, every node's
+    /// database answers a login. Nothing is stopped yet.
+    fn preflight(&self) -> Result<(), CycleError> {
+        self.begin("preflight")?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            match service::running(self.t(i), n) {
+                Ok(Some(true)) | Ok(None) => {}
+                Ok(Some(false)) => self.ui.warn(&format!(
+                    "node {}: the service is not running before the cycle; it will be started at the end",
+                    n.name
+                )),
+                Err(e) => return Err(err("preflight", e)),
+            }
+            if let Some(db) = &n.database {
+                let pw = db.password().map_err(|e| err("preflight", e))?;
+                let tunnel = self
+                    .t(i)
+                    .tunnel(&db.host, db.port)
+                    .map_err(|e| err("preflight", format!("node {}: {e}", n.name)))?;
+                let probe = if i == self.primary {
+                    crate::db::probe(db, pw.as_deref(), tunnel.local_addr)
+                } else {
+                    crate::db::probe_server(db, pw.as_deref(), tunnel.local_addr)
+                };
+                probe.map_err(|e| {
+                    err(
+                        "preflight",
+                        format!("node {}: {e}; nothing was stopped", n.name),
+                    )
+                })?;
+            }
+        }
+        self.end();
+        Ok(())
+    }
+
+    fn file_pass(&self, phase: &str, opts: &CycleOptions) -> Result<(), CycleError> {
+        self.begin(phase)?;
+        let primary = &self.nodes[self.primary];
+        for &s in &self.standbys {
+            let standby = &self.nodes[s];
+            let sync_opts = SyncOptions {
+                src_root: primary.root.clone(),
+                dst_root: standby.root.clone(),
+                excludes: self.config.files.exclude.clone(),
+                delete: self.config.files.delete,
+                max_delete: opts.max_delete.unwrap_or(self.config.files.max_delete),
+                checksum: opts.checksum,
+                dry_run: false,
+            };
+            let progress = self.ui.files_progress(&standby.name);
+            let t0 = Instant::now();
+            let (src, dst) = std::thread::scope(|sc| {
+                let src = sc.spawn(|| Conn::open(primary));
+                let dst = Conn::open(standby);
+                (src.join().expect("connect thread panicked"), dst)
+            });
+            let outcome = src
+                .and_then(|src| dst.map(|dst| (src, dst)))
+                .and_then(|(src, dst)| sync::run(src, dst, &sync_opts, &*progress))
+                .map_err(|e| err(phase, format!("{} -> {}: {e}", primary.name, standby.name)))?;
+            let t = outcome.summary.totals;
+            let pass = FilePass {
+                standby: standby.name.clone(),
+                created: t.created,
+                updated: t.updated,
+                deleted: t.deleted,
+                bytes: t.created_bytes + t.updated_bytes,
+                secs: t0.elapsed().as_secs_f64(),
+            };
+            self.ui.info(&format!(
+                "{}: {phase}: {} created, {} updated, {} deleted, {} in {:.1} s",
+                standby.name,
+                pass.created,
+                pass.updated,
+                pass.deleted,
+                crate::sync::plan::human_bytes(pass.bytes),
+                pass.secs
+            ));
+            self.st().files.push(pass);
+        }
+        self.end();
+        Ok(())
+    }
+
+    fn stop(&self, i: usize) -> Result<(), CycleError> {
+        let node = &self.nodes[i];
+        // Hold the state lock while stopping: a signal waits for the stop
+        // to finish, then starts the service again.
+        let mut st = self.st();
+        if st.finished {
+            return Err(err("quiesce", "the cycle is being aborted"));
+        }
+        if i == self.primary {
+            st.outage_start = Some(Instant::now());
+        }
+        // Recorded before the stop: a stop that half-worked is started again.
+        st.stopped.push(i);
+        let r = service::stop(self.t(i), node);
+        drop(st);
+        r.map_err(|e| err("quiesce", e))?;
+        self.ui.info(&format!("{}: service stopped", node.name));
+        Ok(())
+    }
+
+    /// Start node `i`'s service if this cycle stopped it.
+    fn start(&self, i: usize) -> Result<(), CycleError> {
+        let mut st = self.st();
+        let Some(pos) = st.stopped.iter().position(|&s| s == i) else {
+            return Ok(());
+        };
+        let r = service::start(self.t(i), &self.nodes[i]);
+        if r.is_ok() {
+            st.stopped.remove(pos);
+            if i == self.primary {
+                st.outage = st.outage_start.map(|t| t.elapsed().as_secs_f64());
+            }
+        }
+        drop(st);
+        r.map_err(|e| err("restart", e))?;
+        self.ui
+            .info(&format!("{}: service started", self.nodes[i].name));
+        Ok(())
+    }
+
+    fn database(&self) -> Result<(), CycleError> {
+        if self.config.database.is_none() {
+            return Ok(());
+        }
+        self.begin("database")?;
+        let primary = &self.nodes[self.primary];
+        let early = self
+            .nodes
+            .get(self.primary)
+            .and_then(|n| n.database.as_ref())
+            .is_some_and(|d| d.early_restart);
+        if early && self.standbys.len() > 1 {
+            self.warn("early_restart applies to a single standby; the primary starts after all database copies");
+        }
+        let early = early && self.standbys.len() == 1;
+        for &s in &self.standbys {
+            let standby = &self.nodes[s];
+            let progress = self.ui.db_progress(&standby.name);
+            let restart_primary = || {
+                self.ui.info(&format!(
+                    "{}: the dump's snapshot is taken; starting the primary early",
+                    primary.name
+                ));
+                if let Err(e) = self.start(self.primary) {
+                    // Not fatal here: finish() tries again and reports it.
+                    self.warn(&format!("early restart: {e}"));
+                }
+            };
+            let hook: Option<&dbrep::SnapshotHook<'_>> =
+                if early { Some(&restart_primary) } else { None };
+            let summary = dbrep::replicate(primary, standby, &*progress, hook)
+                .map_err(|e| err("database", e))?;
+            self.ui.info(&format!(
+                "{}: database {}: {} tables, {} rows, {} of dump",
+                standby.name,
+                summary.database,
+                summary.tables,
+                summary.rows,
+                crate::sync::plan::human_bytes(summary.bytes)
+            ));
+            for w in &summary.warnings {
+                self.warn(w);
+            }
+            self.st().databases.push(summary);
+        }
+        self.end();
+        Ok(())
+    }
+
+    fn warn(&self, msg: &str) {
+        self.ui.warn(msg);
+        self.st().warnings.push(msg.to_string());
+    }
+
+    /// Take the lock on every node of the cycle.
+    fn lock(&self) -> Result<(), CycleError> {
+        let pairs: Vec<(&Node, &dyn Transport)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n, self.t(i)))
+            .collect();
+        let l = lock::acquire(&pairs, &Holder::me()).map_err(|e| err("lock", e))?;
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+        Ok(())
+    }
+
+    /// The body of a cycle; `finish` follows whatever happens.
+    fn body(&self, opts: &CycleOptions) -> Result<(), CycleError> {
+        self.preflight()?;
+        self.lock()?;
+        self.file_pass("warm file pass", opts)?;
+        self.begin("quiesce")?;
+        for &s in &self.standbys {
+            self.stop(s)?;
+        }
+        self.stop(self.primary)?;
+        self.end();
+        self.file_pass("final file pass", opts)?;
+        self.database()?;
+        self.begin("restart")?;
+        self.start(self.primary)?;
+        for &s in &self.standbys {
+            self.start(s)?;
+        }
+        self.end();
+        Ok(())
+    }
+
+    /// Run the whole cycle. Installs the signal handler for its duration.
+    pub fn run(self: &Arc<Self>, opts: &CycleOptions) -> CycleReport {
+        let me = Arc::clone(self);
+        crate::signals::set_handler(move |sig| {
+            let phase = me.current_phase();
+            me.ui.warn(&format!(
+                "{} received during {phase}: restarting what was stopped (a second signal aborts at once)",
+                crate::signals::name(sig)
+            ));
+            let report = me.finish(
+                Err(err(
+                    &phase,
+                    format!("interrupted by {}", crate::signals::name(sig)),
+                )),
+                true,
+            );
+            me.ui.warn(&summary_line(&report));
+            std::process::exit(130);
+        });
+        let result = self.body(opts);
+        let report = self.finish(result, false);
+        crate::signals::clear_handler();
+        report
+    }
+
+    /// Restart what is still stopped (the primary first), record the outcome
+    /// on every node, release the lock, run the hooks. Runs once.
+    pub fn finish(&self, result: Result<(), CycleError>, interrupted: bool) -> CycleReport {
+        {
+            let mut st = self.st();
+            if st.finished {
+                drop(st);
+                // The other path is finishing; wait for the process to end.
+                loop {
+                    std::thread::park();
+                }
+            }
+            st.finished = true;
+        }
+        if let Err(e) = &result {
+            let open = self.st().phase.take();
+            if let Some((phase, t)) = open {
+                let secs = t.elapsed().as_secs_f64();
+                self.st().phases.push(PhaseTime {
+                    name: format!("{phase} (aborted)"),
+                    secs,
+                });
+            }
+            self.ui.warn(&format!("cycle failed: {e}"));
+        }
+        // Restart: primary first.
+        let mut still_down = Vec::new();
+        let mut order: Vec<usize> = self.st().stopped.clone();
+        order.sort_by_key(|&i| i != self.primary);
+        for i in order {
+            // `start` needs `finished` unset only for `begin`; it checks `stopped`.
+            if let Err(e) = self.start(i) {
+                still_down.push(format!(
+                    "node {}: its service is DOWN: {e}",
+                    self.nodes[i].name
+                ));
+            }
+        }
+        let st = self.st();
+        let outcome = match (&result, interrupted) {
+            (_, true) => "interrupted",
+            (Err(_), _) => "failed",
+            (Ok(()), _) if !still_down.is_empty() => "failed",
+            _ => "ok",
+        };
+        let mut reason = result.as_ref().err().map(|e| e.to_string());
+        if !still_down.is_empty() {
+            let down = still_down.join("; ");
+            reason = Some(match reason {
+                Some(r) => format!("{r}; {down}"),
+                None => down,
+            });
+        }
+        let report = CycleReport {
+            outcome: outcome.into(),
+            reason,
+            primary: self.nodes[self.primary].name.clone(),
+            standbys: self
+                .standbys
+                .iter()
+                .map(|&s| self.nodes[s].name.clone())
+                .collect(),
+            started: self.started_at.clone(),
+            ended: state::now(),
+            secs: self.started.elapsed().as_secs_f64(),
+            outage_secs: st.outage,
+            phases: st.phases.clone(),
+            files: st.files.clone(),
+            databases: st.databases.clone(),
+            still_down,
+            warnings: st.warnings.clone(),
+        };
+        drop(st);
+        self.record(&report);
+        // Release the lock before the hooks: they may start another cycle.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.hooks(&report);
+        report
+    }
+
+    fn record(&self, r: &CycleReport) {
+        let rec = CycleRecord {
+            started: r.started.clone(),
+            ended: r.ended.clone(),
+            outcome: r.outcome.clone(),
+            reason: r.reason.clone(),
+            primary: r.primary.clone(),
+            standbys: r.standbys.clone(),
+            files: r
+                .files
+                .iter()
+                .map(|f| f.created + f.updated + f.deleted)
+                .sum(),
+            bytes: r.files.iter().map(|f| f.bytes).sum::<u64>()
+                + r.databases.iter().map(|d| d.bytes).sum::<u64>(),
+            rows: r.databases.iter().map(|d| d.rows).sum(),
+            outage_secs: r.outage_secs,
+            phases: r.phases.clone(),
+            host: lock::hostname(),
+            pid: std::process::id(),
+        };
+        for (i, n) in self.nodes.iter().enumerate() {
+            let result = state::read_or_initial(self.t(i), n).and_then(|mut s| {
+                s.record_cycle(rec.clone());
+                state::write(self.t(i), n, &s)
+            });
+            if let Err(e) = result {
+                self.ui.warn(&format!("cannot record the cycle: {e}"));
+            }
+        }
+    }
+
+    fn hooks(&self, r: &CycleReport) {
+        let hook = if r.outcome == "ok" {
+            &self.config.hooks.on_success
+        } else {
+            &self.config.hooks.on_failure
+        };
+        let Some(hook) = hook else {
+            return;
+        };
+        let env = vec![
+            ("HASYNC_OUTCOME".to_string(), r.outcome.clone()),
+            (
+                "HASYNC_REASON".to_string(),
+                r.reason.clone().unwrap_or_default(),
+            ),
+            ("HASYNC_PRIMARY".to_string(), r.primary.clone()),
+            ("HASYNC_STANDBYS".to_string(), r.standbys.join(" ")),
+            ("HASYNC_STARTED".to_string(), r.started.clone()),
+            ("HASYNC_ENDED".to_string(), r.ended.clone()),
+            ("HASYNC_DURATION".to_string(), format!("{:.1}", r.secs)),
+            (
+                "HASYNC_OUTAGE".to_string(),
+                r.outage_secs.map(|o| format!("{o:.1}")).unwrap_or_default(),
+            ),
+            (
+                "HASYNC_CLUSTER".to_string(),
+                self.config.cluster_name.clone(),
+            ),
+        ];
+        let json = serde_json::to_string(r).unwrap_or_default();
+        if let Err(e) = crate::hooks::run(hook, &env, &json) {
+            self.ui.warn(&e);
+        }
+    }
+}
+
+/// One line for the end of a cycle.
+pub fn summary_line(r: &CycleReport) -> String {
+    let mut s = format!(
+        "cycle {} in {:.1} s ({} -> {})",
+        r.outcome,
+        r.secs,
+        r.primary,
+        r.standbys.join(", ")
+    );
+    if let Some(o) = r.outage_secs {
+        s += &format!("; the primary's service was down {o:.1} s");
+    }
+    if let Some(reason) = &r.reason {
+        s += &format!("; {reason}");
+    }
+    s
+}

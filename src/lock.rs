@@ -1,0 +1,204 @@
+//! The cycle lock: one replication cycle at a time on a pair of nodes.
+//!
+//! Each node's `state_dir/cycle.lock` is held with flock(1) by a process
+//! started on the node through the node's transport: `flock -n` takes the
+//! lock and runs a `cat` that reads the channel hasync keeps open. The lock
+//! lives exactly as long as that channel: when hasync exits, crashes or is
+//! killed, the channel closes, `cat` ends and the kernel drops the lock, so
+//! there are no stale lock files to clean up. The holder writes who it is
+//! (host, pid, start time, the `cat`'s pid) next to the lock, for the message
+//! a second cycle prints. If the holder's channel outlived it (a dead hasync
+//! on *this* host whose SSH session has not noticed yet), the second cycle
+//! ends that `cat` and takes the lock over.
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::config::Node;
+use crate::transport::{shell_quote, Process, Transport};
+
+/// Who holds (or wants) the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    /// RFC 3339.
+    pub started: String,
+}
+
+impl Holder {
+    /// This process.
+    pub fn me() -> Holder {
+        Holder {
+            host: hostname(),
+            pid: std::process::id(),
+            started: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "host={} pid={} started={}",
+            self.host, self.pid, self.started
+        )
+    }
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown-host".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another replication cycle is running: it holds the lock on {node} ({holder}); wait for it to finish, or stop it (pid {pid} on {host})")]
+    Held {
+        node: String,
+        holder: String,
+        host: String,
+        pid: String,
+    },
+    #[error("cannot take the cycle lock on {node}: {detail}")]
+    Failed { node: String, detail: String },
+}
+
+/// Held locks; dropping it releases them.
+pub struct CycleLock {
+    holders: Vec<(String, Process)>,
+}
+
+impl CycleLock {
+    pub fn nodes(&self) -> Vec<&str> {
+        self.holders.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+impl Drop for CycleLock {
+    fn drop(&mut self) {
+        for (_, mut p) in self.holders.drain(..) {
+            // Closing stdin ends the `cat`; kill in case the channel lingers.
+            drop(p.take_stdin());
+            p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn paths(node: &Node) -> (String, String) {
+    (
+        format!("{}/cycle.lock", node.state_dir),
+        format!("{}/cycle.holder", node.state_dir),
+    )
+}
+
+fn try_one(t: &dyn Transport, node: &Node, me: &Holder) -> Result<Option<Process>, LockError> {
+    let (lock, holder) = paths(node);
+    let script = format!(
+        "d={dir}; mkdir -p -m 700 \"$d\" || exit 1; command -v flock >/dev/null || {{ echo 'flock (util-linux) is not on PATH' >&2; exit 1; }}; \
+         exec flock -n -E 75 {lock} sh -c 'printf \"%s lockpid=%s\\n\" \"$1\" \"$$\" > \"$2\"; echo locked; exec cat >/dev/null' sh {me} {holder}",
+        dir = shell_quote(&node.state_dir),
+        lock = shell_quote(&lock),
+        me = shell_quote(&me.line()),
+        holder = shell_quote(&holder),
+    );
+    let fail = |detail: String| LockError::Failed {
+        node: node.name.clone(),
+        detail,
+    };
+    let mut p = t.spawn(&script).map_err(|e| fail(e.to_string()))?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while got.len() < 7 {
+        match p.stdout.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    if got == b"locked\n" {
+        return Ok(Some(p));
+    }
+    let out = p.wait().map_err(|e| fail(e.to_string()))?;
+    if out.status == 75 {
+        return Ok(None);
+    }
+    Err(fail(format!(
+        "exit {}: {}; check state_dir {}",
+        out.status,
+        out.stderr_tail(),
+        node.state_dir
+    )))
+}
+
+/// The holder line a node's lock file names, parsed.
+fn read_holder(t: &dyn Transport, node: &Node) -> Vec<(String, String)> {
+    let (_, holder) = paths(node);
+    let out = t
+        .exec(
+            &format!("cat {}", shell_quote(&holder)),
+            b"",
+            Some(Duration::from_secs(30)),
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn pid_alive(pid: &str) -> bool {
+    let Ok(pid) = pid.parse::<i32>() else {
+        return true;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Take the lock on every node, in order; all or none.
+pub fn acquire(nodes: &[(&Node, &dyn Transport)], me: &Holder) -> Result<CycleLock, LockError> {
+    let mut lock = CycleLock {
+        holders: Vec::new(),
+    };
+    for (node, t) in nodes {
+        let mut taken = try_one(*t, node, me)?;
+        if taken.is_none() {
+            let h = read_holder(*t, node);
+            let get = |k: &str| {
+                h.iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_else(|| "?".into())
+            };
+            let (host, pid, lockpid) = (get("host"), get("pid"), get("lockpid"));
+            // A holder on this host that no longer exists left its channel
+            // open: end its `cat` and try once more.
+            if host == me.host && !pid_alive(&pid) && lockpid != "?" {
+                let _ = t.exec(
+                    &format!("kill {}", shell_quote(&lockpid)),
+                    b"",
+                    Some(Duration::from_secs(30)),
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                taken = try_one(*t, node, me)?;
+            }
+            if taken.is_none() {
+                return Err(LockError::Held {
+                    node: node.name.clone(),
+                    holder: format!("host {host}, pid {pid}, started {}", get("started")),
+                    host,
+                    pid,
+                });
+            }
+        }
+        lock.holders
+            .push((node.name.clone(), taken.expect("lock taken")));
+    }
+    Ok(lock)
+}

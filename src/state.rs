@@ -1,0 +1,168 @@
+//! Each node's state record: `state_dir/state.json` on the node, written
+//! atomically (a temp file renamed over it, over SFTP or locally).
+//!
+//! It starts from the config's `role` on first use. A cycle writes its
+//! outcome into the record of every node it touched: start and end, ok /
+//! failed / interrupted and why, files, bytes, rows, the outage and each
+//! phase's duration. Role changes and epochs (promote, rejoin) come with the
+//! roles issue; the fields exist already so records stay readable.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::config::{Node, Role};
+use crate::transport::{shell_quote, Transport};
+
+/// How many past cycles a record keeps.
+const KEEP_CYCLES: usize = 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTime {
+    pub name: String,
+    pub secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CycleRecord {
+    /// RFC 3339.
+    pub started: String,
+    pub ended: String,
+    /// "ok", "failed" or "interrupted".
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub primary: String,
+    pub standbys: Vec<String>,
+    pub files: u64,
+    pub bytes: u64,
+    pub rows: u64,
+    /// How long the primary's service was down.
+    pub outage_secs: Option<f64>,
+    pub phases: Vec<PhaseTime>,
+    /// Who ran it: host and pid.
+    pub host: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoleChange {
+    pub at: String,
+    pub from: Option<Role>,
+    pub to: Role,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateRecord {
+    pub node: String,
+    pub role: Role,
+    pub epoch: u64,
+    #[serde(default)]
+    pub history: Vec<RoleChange>,
+    #[serde(default)]
+    pub last_cycle: Option<CycleRecord>,
+    /// The last cycles, newest last (at most 20).
+    #[serde(default)]
+    pub cycles: Vec<CycleRecord>,
+}
+
+impl StateRecord {
+    /// A node's first record, from the config.
+    pub fn initial(node: &Node) -> StateRecord {
+        StateRecord {
+            node: node.name.clone(),
+            role: node.initial_role,
+            epoch: 1,
+            history: vec![RoleChange {
+                at: now(),
+                from: None,
+                to: node.initial_role,
+                reason: "first use: role from the config".into(),
+            }],
+            last_cycle: None,
+            cycles: Vec::new(),
+        }
+    }
+
+    pub fn record_cycle(&mut self, c: CycleRecord) {
+        self.cycles.push(c.clone());
+        let excess = self.cycles.len().saturating_sub(KEEP_CYCLES);
+        self.cycles.drain(..excess);
+        self.last_cycle = Some(c);
+    }
+}
+
+pub fn now() -> String {
+    chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
+}
+
+fn path(node: &Node) -> String {
+    format!("{}/state.json", node.state_dir)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state record of {node} ({path}): {detail}")]
+pub struct StateError {
+    pub node: String,
+    pub path: String,
+    pub detail: String,
+}
+
+/// The node's record, or `None` if it has none yet.
+pub fn read(t: &dyn Transport, node: &Node) -> Result<Option<StateRecord>, StateError> {
+    let p = path(node);
+    let err = |detail: String| StateError {
+        node: node.name.clone(),
+        path: p.clone(),
+        detail,
+    };
+    let out = t
+        .exec(
+            &format!(
+                "if [ -e {q} ]; then cat {q}; else echo absent >&2; exit 3; fi",
+                q = shell_quote(&p)
+            ),
+            b"",
+            Some(Duration::from_secs(30)),
+        )
+        .map_err(|e| err(e.to_string()))?;
+    match out.status {
+        0 => serde_json::from_slice(&out.stdout).map(Some).map_err(|e| {
+            err(format!(
+                "unreadable ({e}); move it aside to start from the config again"
+            ))
+        }),
+        3 => Ok(None),
+        s => Err(err(format!("exit {s}: {}", out.stderr_tail()))),
+    }
+}
+
+/// The node's record, or a fresh one from the config.
+pub fn read_or_initial(t: &dyn Transport, node: &Node) -> Result<StateRecord, StateError> {
+    Ok(read(t, node)?.unwrap_or_else(|| StateRecord::initial(node)))
+}
+
+pub fn write(t: &dyn Transport, node: &Node, rec: &StateRecord) -> Result<(), StateError> {
+    let p = path(node);
+    let err = |detail: String| StateError {
+        node: node.name.clone(),
+        path: p.clone(),
+        detail,
+    };
+    let mk = t
+        .exec(
+            &format!("mkdir -p -m 700 -- {}", shell_quote(&node.state_dir)),
+            b"",
+            Some(Duration::from_secs(30)),
+        )
+        .map_err(|e| err(e.to_string()))?;
+    if !mk.success() {
+        return Err(err(format!(
+            "cannot create state_dir: {}",
+            mk.stderr_tail()
+        )));
+    }
+    let mut json = serde_json::to_vec_pretty(rec).map_err(|e| err(e.to_string()))?;
+    json.push(b'\n');
+    t.write_file(&p, &json, 0o644)
+        .map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,93 @@
+//! `hasync sync`: the whole cycle against the harness's real nodes: both
+//! fake applications stopped and started again, files and database copied,
+//! the outcome recorded on both nodes, the lock, the restart guarantee.
+
+use std::time::Duration;
+
+use crate::cmd::hasync;
+use crate::db::{admin, as_okm, drop_dbs, dump_text, fresh_db, Engine};
+use crate::harness::cluster;
+use crate::setup::Setup;
+
+fn record(s: &Setup, i: usize) -> serde_json::Value {
+    let p = s.state_dirs[i].join("state.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cycle_setup(label: &str, db: &str) -> Setup {
+    let mut s = Setup::exclusive(label);
+    s.db_name = db.to_string();
+    s.readonly_sql = vec![
+        "INSERT INTO OKM_CONFIG (CFG_KEY, CFG_TYPE, CFG_VALUE) VALUES ('system.readonly', 'boolean', 'true') ON DUPLICATE KEY UPDATE CFG_VALUE = 'true'".into(),
+    ];
+    fresh_db(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+    as_okm(
+        Engine::Mysql,
+        0,
+        db,
+        "CREATE TABLE OKM_CONFIG (CFG_KEY VARCHAR(255) PRIMARY KEY, CFG_TYPE VARCHAR(32), CFG_VALUE TEXT);\n\
+         CREATE TABLE doc (id INT PRIMARY KEY, path VARCHAR(200));\n\
+         INSERT INTO doc VALUES (1, 'repository/a.txt');",
+    );
+    crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
+    crate::sync::write(&s.roots[0], "logs/x.log", b"log");
+    s
+}
+
+#[test]
+fn a_cycle_copies_files_and_database_and_restarts_both() {
+    let db = "okmdb_cycle";
+    let s = cycle_setup("cycle-basic", db);
+    let cfg = s.write();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let run = hasync().config(&cfg).args(["sync"]).run();
+    run.code(0)
+        .stderr_has("BEGIN warm file pass")
+        .stderr_has("END final file pass")
+        .stderr_has("BEGIN database")
+        .stderr_has("the primary's service was down");
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+    let mut mirror = dump_text(Engine::Mysql, 1, db);
+    mirror = mirror
+        .replace(",('system.readonly','boolean','true')", "")
+        .replace("('system.readonly','boolean','true')", "");
+    assert!(dump_text(Engine::Mysql, 0, db).contains("'repository/a.txt'"));
+    assert!(mirror.contains("'repository/a.txt'"));
+    for i in 0..2 {
+        let r = record(&s, i);
+        assert_eq!(r["last_cycle"]["outcome"], "ok", "{r}");
+        assert!(r["last_cycle"]["outage_secs"].as_f64().is_some(), "{r}");
+        let phases: Vec<String> = r["last_cycle"]["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                "preflight",
+                "warm file pass",
+                "quiesce",
+                "final file pass",
+                "database",
+                "restart"
+            ]
+        );
+    }
+    let ro = admin(
+        Engine::Mysql,
+        1,
+        db,
+        "SELECT CFG_VALUE FROM OKM_CONFIG WHERE CFG_KEY = 'system.readonly'",
+    );
+    assert_eq!(ro.trim(), "true");
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+    let _ = Duration::ZERO;
+}
