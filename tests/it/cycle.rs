@@ -91,3 +91,87 @@ fn a_cycle_copies_files_and_database_and_restarts_both() {
     drop_dbs(Engine::Mysql, 1, db);
     let _ = Duration::ZERO;
 }
+
+/// A failure after the services were stopped (here: readonly_sql finds no
+/// row to update, so the database phase stops before its swap): both
+/// services run again, the record says failed and why, exit 1.
+#[test]
+fn a_failing_cycle_restarts_what_it_stopped() {
+    let db = "okmdb_cycle_fail";
+    let mut s = cycle_setup("cycle-fail", db);
+    s.readonly_sql =
+        vec!["UPDATE OKM_CONFIG SET CFG_VALUE = 'true' WHERE CFG_KEY = 'system.readonly'".into()];
+    let cfg = s.write();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let run = hasync().config(&cfg).args(["sync"]).run();
+    run.code(1)
+        .stderr_has("cycle failed")
+        .stderr_has("readonly_sql[0]");
+    assert!(c.nodes[0].app.is_running(), "primary restarted");
+    assert!(c.nodes[1].app.is_running(), "standby restarted");
+    for i in 0..2 {
+        let r = record(&s, i);
+        assert_eq!(r["last_cycle"]["outcome"], "failed", "{r}");
+        assert!(
+            r["last_cycle"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("readonly_sql"),
+            "{r}"
+        );
+    }
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+}
+
+/// SIGTERM in the database phase: exit 130, both services running again,
+/// the record says interrupted, and the lock is free (a new cycle runs).
+/// Meanwhile a second cycle is refused, naming the holder.
+#[test]
+fn sigterm_restarts_and_a_second_cycle_is_refused() {
+    let db = "okmdb_cycle_sig";
+    let s = cycle_setup("cycle-sig", db);
+    crate::db::big_table(Engine::Mysql, 0, db, 400_000);
+    let cfg = s.write();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let running = hasync().config(&cfg).args(["sync"]).spawn();
+    let staging = format!("{db}__hasync_new");
+    crate::db::wait_until("the database phase", Duration::from_secs(120), || {
+        crate::db::databases(Engine::Mysql, 1, db).contains(&staging)
+    });
+    assert!(
+        !c.nodes[0].app.is_running(),
+        "the primary is quiesced during the database phase"
+    );
+
+    let second = hasync().config(&cfg).args(["sync"]).run();
+    second
+        .code(1)
+        .stderr_has("another replication cycle is running")
+        .stderr_has(&format!("pid {}", running.child.id()));
+
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(running.child.id() as i32, libc::SIGTERM) };
+    let run = running.wait();
+    assert_eq!(run.code, 130, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("SIGTERM received during database"),
+        "{}",
+        run.stderr
+    );
+    assert!(c.nodes[0].app.is_running(), "primary restarted");
+    assert!(c.nodes[1].app.is_running(), "standby restarted");
+    for i in 0..2 {
+        let r = record(&s, i);
+        assert_eq!(r["last_cycle"]["outcome"], "interrupted", "{r}");
+    }
+    // The lock went with the process: the next cycle runs and converges.
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    assert_eq!(record(&s, 1)["last_cycle"]["outcome"], "ok");
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+}

@@ -329,7 +329,7 @@ fn small_round_trip_postgres() {
     small_round_trip(Engine::Postgres);
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < timeout, "timed out waiting for {what}");
@@ -346,7 +346,7 @@ fn fixture(name: &str) -> String {
 
 /// A table `big` of `rows` (at most a million) rows of ~240 bytes, made by
 /// the server itself.
-fn big_table(e: Engine, i: usize, db: &str, rows: u32) {
+pub fn big_table(e: Engine, i: usize, db: &str, rows: u32) {
     const DIGITS: &str = "(SELECT 0 d UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4 \
          UNION ALL SELECT 5 UNION ALL SELECT 6 UNION ALL SELECT 7 UNION ALL SELECT 8 UNION ALL SELECT 9)";
     let sql = match e {
