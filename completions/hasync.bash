@@ -34,6 +34,9 @@ _hasync() {
             hasync,man)
                 cmd="hasync__subcmd__man"
                 ;;
+            hasync,schedule)
+                cmd="hasync__subcmd__schedule"
+                ;;
             hasync,sync)
                 cmd="hasync__subcmd__sync"
                 ;;
@@ -55,6 +58,9 @@ _hasync() {
             hasync__subcmd__help,man)
                 cmd="hasync__subcmd__help__subcmd__man"
                 ;;
+            hasync__subcmd__help,schedule)
+                cmd="hasync__subcmd__help__subcmd__schedule"
+                ;;
             hasync__subcmd__help,sync)
                 cmd="hasync__subcmd__help__subcmd__sync"
                 ;;
@@ -65,7 +71,7 @@ _hasync() {
 
     case "${cmd}" in
         hasync)
-            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync completions man agent help"
+            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -157,7 +163,7 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help)
-            opts="init doctor sync completions man agent help"
+            opts="init doctor sync schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -254,6 +260,20 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__help__subcmd__schedule)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__help__subcmd__sync)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -298,6 +318,32 @@ _hasync() {
             fi
             case "${prev}" in
                 --out-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__schedule)
+            opts="-c -v -q -h --next --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --next)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -79,6 +79,14 @@ pub enum Command {
     /// until the next swap. Any failure leaves the live database untouched.
     /// Passwords reach the vendor tools in 0600 files, never on a command line.
     Sync(SyncArgs),
+    /// Run cycles on the [schedule] cron line, in the foreground (for systemd).
+    ///
+    /// Fires `hasync sync` cycles at the times of the crontab(5) line in
+    /// [schedule] cron, one at a time (a cycle that runs past the next time
+    /// skips it), and logs each outcome. SIGTERM between cycles stops it
+    /// cleanly (exit 0); during a cycle, the cycle restarts what it stopped
+    /// first. With --next N it only prints the next N times.
+    Schedule(ScheduleArgs),
     /// Print a shell completion script on stdout.
     Completions(CompletionsArgs),
     /// Write the man pages into a directory.
@@ -115,6 +123,13 @@ pub struct SyncArgs {
     /// Only this standby (default: every standby).
     #[arg(long, value_name = "NODE")]
     pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Print the next N run times and exit.
+    #[arg(long, value_name = "N")]
+    pub next: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod cycle;
 mod docs;
 mod doctor;
 mod init;
+mod schedule;
 mod sync;
 
 use anyhow::Result;
@@ -22,6 +23,7 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
         Command::Sync(args) => sync::run(cli, args, log),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args, log),
+        Command::Schedule(args) => schedule::run(cli, args, log),
         Command::Agent(args) => agent::run(args),
     }
 }

@@ -198,6 +198,50 @@ fn completions_match_the_cli() {
     }
 }
 
+/// `[Section]` -> key -> value of a systemd unit file.
+fn systemd_unit(
+    text: &str,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_string();
+            out.entry(section.clone())
+                .or_insert_with(std::collections::BTreeMap::new);
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not key=value: {line}"));
+        out.get_mut(&section)
+            .unwrap_or_else(|| panic!("{line}: outside a section"))
+            .insert(k.to_string(), v.to_string());
+    }
+    out
+}
+
+/// A template's `/usr/local/bin/hasync ARGS` must be a command line hasync
+/// accepts: run with a config that does not exist, it must fail on the
+/// config (exit 3), not on the arguments (exit 2).
+fn hasync_arguments_parse(template: &str, command: &[&str]) {
+    assert_eq!(command[0], "/usr/local/bin/hasync", "templates/{template}");
+    let mut args: Vec<String> = command[1..].iter().map(|s| s.to_string()).collect();
+    let c = args.iter().position(|a| a == "-c").expect("-c CONFIG");
+    args[c + 1] = "/nonexistent/hasync.toml".into();
+    let r = hasync().args(&args).run();
+    assert_eq!(
+        r.code,
+        3,
+        "templates/{template}: `hasync {}`:\n{}",
+        args.join(" "),
+        r.stderr
+    );
+}
+
 /// Every shipped template is parsed, so an example can never rot.
 #[test]
 fn every_template_parses() {
@@ -221,6 +265,49 @@ fn every_template_parses() {
                     !crate::db::sql_statements(&text).is_empty(),
                     "templates/{name}"
                 );
+            }
+            Some("cron") => {
+                let mut jobs = 0;
+                for line in text.lines().map(str::trim) {
+                    if line.is_empty()
+                        || line.starts_with('#')
+                        || line.contains('=')
+                            && !line
+                                .starts_with(|c: char| c.is_ascii_digit() || c == '*' || c == '@')
+                    {
+                        continue;
+                    }
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let when = fields[..5].join(" ");
+                    when.parse::<hasync::schedule::cron::CronSchedule>()
+                        .unwrap_or_else(|e| panic!("templates/{name}: {when:?}: {e}"));
+                    assert_eq!(fields[5], "root", "templates/{name}: the user field");
+                    let command: Vec<&str> = fields[6..]
+                        .iter()
+                        .take_while(|f| !f.starts_with(">>"))
+                        .copied()
+                        .collect();
+                    hasync_arguments_parse(&name, &command);
+                    jobs += 1;
+                }
+                assert_eq!(jobs, 1, "templates/{name}");
+            }
+            Some("service") | Some("timer") => {
+                let ini = systemd_unit(&text);
+                assert!(ini.contains_key("Unit"), "templates/{name}: no [Unit]");
+                if name.ends_with(".service") {
+                    let exec = ini["Service"]
+                        .get("ExecStart")
+                        .unwrap_or_else(|| panic!("templates/{name}: no ExecStart"));
+                    hasync_arguments_parse(&name, &exec.split_whitespace().collect::<Vec<_>>());
+                } else {
+                    let unit = &ini["Timer"]["Unit"];
+                    assert!(
+                        repo().join("templates").join(unit).exists(),
+                        "templates/{name}: Unit={unit} is not a template"
+                    );
+                    assert!(ini["Timer"].contains_key("OnCalendar"));
+                }
             }
             _ => panic!("templates/{name}: no test parses this kind of template; add one here"),
         }

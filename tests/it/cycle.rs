@@ -175,3 +175,51 @@ fn sigterm_restarts_and_a_second_cycle_is_refused() {
     drop_dbs(Engine::Mysql, 0, db);
     drop_dbs(Engine::Mysql, 1, db);
 }
+
+/// `hasync schedule --next` prints crontab times; the daemon fires a cycle
+/// at the next minute, logs it, and stops cleanly on SIGTERM between cycles.
+#[test]
+fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
+    let db = "okmdb_cycle_sched";
+    let s = cycle_setup("cycle-sched", db);
+    let cfg = s.write();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[schedule]\ncron = \"30 2 * * 0\"\n");
+    std::fs::write(&cfg, &text).unwrap();
+    let next = hasync()
+        .config(&cfg)
+        .args(["schedule", "--next", "3"])
+        .run();
+    next.code(0);
+    let lines: Vec<&str> = next.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", next.stdout);
+    for l in &lines {
+        assert!(l.contains(" 02:30 Sun"), "{l}");
+    }
+
+    std::fs::write(&cfg, text.replace("30 2 * * 0", "* * * * *")).unwrap();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let daemon = hasync().config(&cfg).args(["schedule"]).spawn();
+    crate::db::wait_until("a scheduled cycle", Duration::from_secs(150), || {
+        std::fs::read_to_string(s.state_dirs[1].join("state.json"))
+            .is_ok_and(|t| t.contains("\"outcome\": \"ok\""))
+    });
+    // Between cycles now (the record is written at the end of one).
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    let run = daemon.wait();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("next cycle at"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("stopping the scheduler"),
+        "{}",
+        run.stderr
+    );
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+}
