@@ -223,3 +223,96 @@ fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
     drop_dbs(Engine::Mysql, 0, db);
     drop_dbs(Engine::Mysql, 1, db);
 }
+
+/// `hasync sync --dry-run` prints the whole cycle — service commands per
+/// node, the file plan, the database plan — and changes nothing: the
+/// services keep running (same pids), no file, database or record appears.
+#[test]
+fn a_dry_run_cycle_changes_nothing() {
+    let db = "okmdb_cycle_dry";
+    let s = cycle_setup("cycle-dry", db);
+    let cfg = s.write();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let pids = (c.nodes[0].app.pid(), c.nodes[1].app.pid());
+    let run = hasync().config(&cfg).args(["sync", "--dry-run"]).run();
+    run.code(0)
+        .stdout_has("cycle plan: okm1 -> okm2")
+        .stdout_has(&format!("[okm2] stop: {}", c.nodes[1].app.stop_cmd()))
+        .stdout_has(&format!("[okm1] start: {}", c.nodes[0].app.start_cmd()))
+        .stdout_has("repository/a.txt")
+        .stdout_has("mariadb-dump")
+        .stdout_has("dry run: nothing was changed");
+    assert_eq!(
+        pids,
+        (c.nodes[0].app.pid(), c.nodes[1].app.pid()),
+        "services untouched"
+    );
+    assert_eq!(
+        std::fs::read_dir(&s.roots[1]).unwrap().count(),
+        0,
+        "standby root untouched"
+    );
+    assert!(crate::db::databases(Engine::Mysql, 1, db).is_empty());
+    assert!(!s.state_dirs[0].join("state.json").exists() && !s.state_dirs[1].exists());
+    drop_dbs(Engine::Mysql, 0, db);
+}
+
+/// PostgreSQL with `early_restart`: the primary starts as soon as the
+/// snapshot is exported, before the copy; the success hook gets the outcome
+/// in its environment and as JSON on stdin.
+#[test]
+fn early_restart_on_postgres_and_the_success_hook() {
+    let db = "okmdb_cycle_early";
+    let mut s = Setup::exclusive("cycle-early");
+    s.engine = Some("postgres");
+    s.db_name = db.to_string();
+    fresh_db(Engine::Postgres, 0, db);
+    drop_dbs(Engine::Postgres, 1, db);
+    as_okm(
+        Engine::Postgres,
+        0,
+        db,
+        crate::db::small_schema(Engine::Postgres),
+    );
+    crate::db::big_table(Engine::Postgres, 0, db, 200_000);
+    crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
+    let cfg = s.write();
+    let hook_out = s.dir.join("hook.out");
+    let hook = s.dir.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nenv | grep ^HASYNC_ | sort > {out}\ncat >> {out}\n",
+            out = hook_out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[database]\n", "[database]\nearly_restart = true\n")
+        + &format!("\n[hooks]\non_success = \"{}\"\n", hook.display());
+    std::fs::write(&cfg, text).unwrap();
+    let c = cluster();
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    let run = hasync().config(&cfg).args(["sync"]).run();
+    run.code(0).stderr_has("starting the primary early");
+    // The primary was started before the database phase ended.
+    let early = run.stderr.find("okm1: service started").unwrap();
+    let db_end = run.stderr.find("END database").unwrap();
+    assert!(early < db_end, "{}", run.stderr);
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    let out = std::fs::read_to_string(&hook_out).unwrap();
+    assert!(out.contains("HASYNC_OUTCOME=ok"), "{out}");
+    assert!(out.contains("HASYNC_PRIMARY=okm1"), "{out}");
+    assert!(out.contains("\"outcome\":\"ok\""), "{out}");
+    assert_eq!(
+        admin(Engine::Postgres, 1, db, "SELECT count(*) FROM big").trim(),
+        "200000"
+    );
+    drop_dbs(Engine::Postgres, 0, db);
+    drop_dbs(Engine::Postgres, 1, db);
+}

@@ -229,7 +229,7 @@ INSERT INTO okm_config VALUES ('x', 'string', 'y');
 CREATE VIEW doc_names AS SELECT name FROM doc;
 ";
 
-fn small_schema(e: Engine) -> &'static str {
+pub fn small_schema(e: Engine) -> &'static str {
     match e {
         Engine::Mysql => SMALL_MYSQL,
         Engine::Postgres => SMALL_PG,
