@@ -9,6 +9,18 @@ use crate::db::{admin, as_okm, drop_dbs, dump_text, fresh_db, Engine};
 use crate::harness::cluster;
 use crate::setup::Setup;
 
+/// Stops both fake applications when dropped: other tests expect them
+/// stopped, whatever this test did (or where it panicked).
+struct AppsStopped;
+
+impl Drop for AppsStopped {
+    fn drop(&mut self) {
+        for n in &cluster().nodes {
+            n.app.stop();
+        }
+    }
+}
+
 fn record(s: &Setup, i: usize) -> serde_json::Value {
     let p = s.state_dirs[i].join("state.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -42,6 +54,7 @@ fn a_cycle_copies_files_and_database_and_restarts_both() {
     let s = cycle_setup("cycle-basic", db);
     let cfg = s.write();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let run = hasync().config(&cfg).args(["sync"]).run();
@@ -103,6 +116,7 @@ fn a_failing_cycle_restarts_what_it_stopped() {
         vec!["UPDATE OKM_CONFIG SET CFG_VALUE = 'true' WHERE CFG_KEY = 'system.readonly'".into()];
     let cfg = s.write();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let run = hasync().config(&cfg).args(["sync"]).run();
@@ -136,6 +150,7 @@ fn sigterm_restarts_and_a_second_cycle_is_refused() {
     crate::db::big_table(Engine::Mysql, 0, db, 400_000);
     let cfg = s.write();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let running = hasync().config(&cfg).args(["sync"]).spawn();
@@ -199,6 +214,7 @@ fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
 
     std::fs::write(&cfg, text.replace("30 2 * * 0", "* * * * *")).unwrap();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let daemon = hasync().config(&cfg).args(["schedule"]).spawn();
@@ -233,6 +249,7 @@ fn a_dry_run_cycle_changes_nothing() {
     let s = cycle_setup("cycle-dry", db);
     let cfg = s.write();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let pids = (c.nodes[0].app.pid(), c.nodes[1].app.pid());
@@ -296,6 +313,7 @@ fn early_restart_on_postgres_and_the_success_hook() {
         + &format!("\n[hooks]\non_success = \"{}\"\n", hook.display());
     std::fs::write(&cfg, text).unwrap();
     let c = cluster();
+    let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
     let run = hasync().config(&cfg).args(["sync"]).run();

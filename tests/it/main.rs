@@ -5,6 +5,7 @@
 
 mod agent_attacks;
 mod bench;
+mod bench_cycle;
 mod bench_db;
 mod cli;
 mod cmd;
