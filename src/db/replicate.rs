@@ -292,6 +292,20 @@ impl<'a> End<'a> {
         &self.node.name
     }
 
+    /// Start a dump or load: the bulk stream goes through the system `ssh`
+    /// client when the node's `ssh_client` says so (several times faster
+    /// than libssh2's ciphers), like the file agent's stream.
+    fn spawn_bulk(
+        &self,
+        command: &str,
+    ) -> Result<crate::transport::Process, crate::transport::TransportError> {
+        if transport::openssh::use_for(self.node) {
+            transport::openssh::spawn_openssh(&self.node.endpoint, command)
+        } else {
+            self.t.spawn(command)
+        }
+    }
+
     fn mysql(&self, database: Option<&str>) -> Result<::mysql::Conn, StepError> {
         super::mysql_connect(
             self.db,
@@ -347,8 +361,10 @@ fn stream(
     progress: &dyn DbProgress,
     mut on_tables: Option<&SnapshotHook<'_>>,
 ) -> Result<RowCounter, StepError> {
-    let mut loader = dst.t.spawn(load).map_err(|e| fail("load", dst.name(), e))?;
-    let mut dumper = match src.t.spawn(dump) {
+    let mut loader = dst
+        .spawn_bulk(load)
+        .map_err(|e| fail("load", dst.name(), e))?;
+    let mut dumper = match src.spawn_bulk(dump) {
         Ok(d) => d,
         Err(e) => {
             loader.kill();

@@ -84,11 +84,7 @@ impl Conn {
             transport::shell_quote(&node.agent_path),
             transport::shell_quote(&node.root)
         );
-        let openssh = match node.ssh_client {
-            crate::config::SshClient::Libssh2 => false,
-            crate::config::SshClient::Openssh => true,
-            crate::config::SshClient::Auto => transport::openssh::available(),
-        };
+        let openssh = transport::openssh::use_for(node);
         let agent_err = |e: transport::TransportError| SyncError::Agent {
             node: node.name.clone(),
             message: e.to_string(),

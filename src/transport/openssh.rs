@@ -110,6 +110,15 @@ const PGID_MARKER: &[u8] = b"hasync-pgid:";
 /// authentication failures are returned here. A local endpoint
 /// ([`Address::Local`]) runs the command locally, like the local transport.
 /// See the module docs for the `ssh` options and why they are safe.
+/// Whether a node's bulk streams go through the system `ssh` client.
+pub fn use_for(node: &crate::config::Node) -> bool {
+    match node.ssh_client {
+        crate::config::SshClient::Libssh2 => false,
+        crate::config::SshClient::Openssh => true,
+        crate::config::SshClient::Auto => available(),
+    }
+}
+
 pub fn spawn_openssh(endpoint: &Endpoint, command: &str) -> Result<Process, TransportError> {
     let target = match Target::from_endpoint(endpoint) {
         Some(target) => Arc::new(target),
