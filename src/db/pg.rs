@@ -114,6 +114,18 @@ pub fn export_snapshot(client: &mut Client) -> Result<String, DbError> {
     Ok(rows[0].get(0))
 }
 
+/// Start a repeatable-read transaction that reads `snapshot` (exported by
+/// another session still open).
+pub fn import_snapshot(client: &mut Client, snapshot: &str) -> Result<(), DbError> {
+    let lit = snapshot.replace('\'', "''");
+    run(
+        client,
+        &format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{lit}'"
+        ),
+    )
+}
+
 const USER_NAMESPACES: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
 

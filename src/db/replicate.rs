@@ -716,17 +716,37 @@ fn replicate_pg(
     progress: &dyn DbProgress,
     on_snapshot: Option<&SnapshotHook<'_>>,
 ) -> Result<DbSummary, StepError> {
-    let mut out = summary(src, dst);
-    let staging = staging_name(&dst.db.name);
+    let out = summary(src, dst);
     let mut pc = src.pg(&src.db.name)?;
     let snapshot = pg::export_snapshot(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
     let pcat = pg::catalog(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
-    let pcounts =
-        pg::counts(&mut pc, &pcat.tables).map_err(|e| fail("preflight", src.name(), e))?;
-    let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
     if let Some(hook) = on_snapshot {
         hook();
     }
+    // The primary's rows are counted in the same snapshot on a second
+    // connection while the dump streams, not before it.
+    let mut pc2 = src.pg(&src.db.name)?;
+    pg::import_snapshot(&mut pc2, &snapshot).map_err(|e| fail("preflight", src.name(), e))?;
+    let tables = pcat.tables.clone();
+    std::thread::scope(|sc| {
+        let counting = sc.spawn(move || pg::counts(&mut pc2, &tables));
+        replicate_pg_staged(src, dst, progress, out, pc, &snapshot, &pcat, counting)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replicate_pg_staged(
+    src: &End,
+    dst: &End,
+    progress: &dyn DbProgress,
+    mut out: DbSummary,
+    mut pc: ::postgres::Client,
+    snapshot: &str,
+    pcat: &Catalog,
+    counting: std::thread::ScopedJoinHandle<'_, Result<BTreeMap<TableName, u64>, DbError>>,
+) -> Result<DbSummary, StepError> {
+    let staging = staging_name(&dst.db.name);
+    let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
     let mut mm = dst.pg_maintenance()?;
     pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
 
@@ -754,7 +774,7 @@ fn replicate_pg(
             };
             stream(
                 src,
-                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), &snapshot),
+                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), snapshot),
                 dst,
                 &pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging),
                 Format::Postgres,
@@ -774,9 +794,13 @@ fn replicate_pg(
 
         let t = Instant::now();
         progress.phase("verify");
+        let pcounts = counting
+            .join()
+            .expect("count thread panicked")
+            .map_err(|e| fail("verify", src.name(), e))?;
         let mut ms = dst.pg(&staging)?;
         let scat = pg::catalog(&mut ms).map_err(|e| fail("verify", dst.name(), e))?;
-        verify_objects(&pcat, &scat, dst.name())?;
+        verify_objects(pcat, &scat, dst.name())?;
         let scounts =
             pg::counts(&mut ms, &scat.tables).map_err(|e| fail("verify", dst.name(), e))?;
         out.rows = verify_counts(&pcounts, &scounts, "the primary's snapshot", dst.name())?;

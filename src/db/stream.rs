@@ -28,6 +28,16 @@ use super::TableName;
 /// block (an `INSERT` with a long column list, a `COPY` with many columns).
 const HEAD_MAX: usize = 64 * 1024;
 
+/// Bytes that matter outside a string in an INSERT's VALUES.
+static VALUES_SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'\'' as usize] = true;
+    t[b'(' as usize] = true;
+    t[b')' as usize] = true;
+    t[b';' as usize] = true;
+    t
+};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Mysql,
@@ -124,8 +134,34 @@ impl RowCounter {
                 self.tail.drain(..self.tail.len() - keep);
             }
         }
-        for &b in chunk {
-            self.byte(b);
+        // Runs of bytes that cannot change the state are skipped without
+        // going through the state machine (most of a dump is such runs).
+        let mut i = 0;
+        while i < chunk.len() {
+            let rest = &chunk[i..];
+            let skip = match &self.state {
+                State::Skip => rest.iter().position(|&b| b == b'\n'),
+                State::Values {
+                    in_str: true,
+                    escaped: false,
+                    ..
+                } => rest.iter().position(|&b| b == b'\'' || b == b'\\'),
+                State::Values {
+                    in_str: false,
+                    escaped: false,
+                    ..
+                } => rest.iter().position(|&b| VALUES_SPECIAL[b as usize]),
+                State::Copy { line } if line.len() > 2 => rest.iter().position(|&b| b == b'\n'),
+                _ => Some(0),
+            };
+            match skip {
+                Some(n) => {
+                    i += n;
+                    self.byte(chunk[i]);
+                    i += 1;
+                }
+                None => return,
+            }
         }
     }
 
