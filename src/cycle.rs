@@ -18,13 +18,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{Config, Node, Role};
+use crate::config::{Config, Node};
 use crate::db::replicate::{self as dbrep, DbProgress, DbSummary};
 use crate::lock::{self, CycleLock, Holder};
+use crate::roles;
 use crate::service;
 use crate::state::{self, CycleRecord, PhaseTime};
 use crate::sync::{self, Conn, Progress, SyncOptions};
-use crate::transport::{self, Transport};
+use crate::transport::Transport;
 
 /// What the CLI gives the cycle: log lines and progress displays.
 pub trait CycleUi: Send + Sync {
@@ -117,60 +118,41 @@ fn err(step: &str, detail: impl std::fmt::Display) -> CycleError {
 }
 
 impl Cycle {
-    /// Connect to every node of the cycle (in parallel). Nothing is changed.
+    /// Connect to every node (in parallel) and decide the direction from
+    /// their state records (see [`crate::roles`]). Nothing is changed, but
+    /// for fencing an old primary found on the way.
     pub fn connect(
         config: &Config,
         opts: &CycleOptions,
         ui: Arc<dyn CycleUi>,
     ) -> Result<Arc<Cycle>, CycleError> {
-        let primary_node = config.initial_primary();
-        let mut nodes = vec![primary_node.clone()];
-        nodes.extend(
-            config
-                .nodes
-                .iter()
-                .filter(|n| n.initial_role == Role::Standby)
-                .filter(|n| opts.to.as_ref().is_none_or(|t| &n.name == t))
-                .cloned(),
-        );
-        if nodes.len() < 2 {
-            return Err(err(
-                "preflight",
-                format!(
-                    "no standby named {:?} in {}",
-                    opts.to.as_deref().unwrap_or(""),
-                    config.path.display()
-                ),
-            ));
+        let (transports, mut records) =
+            roles::connect_all(config).map_err(|e| err("preflight", e))?;
+        let resolved =
+            roles::resolve_and_fence(config, &transports, &mut records, opts.to.as_deref())
+                .map_err(|e| err("roles", e))?;
+        for s in &resolved.skipped {
+            ui.warn(&format!("left out of this cycle: {s}"));
         }
-        let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = nodes
-                .iter()
-                .map(|n| s.spawn(move || transport::connect(&n.endpoint)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("connect thread panicked"))
-                .collect()
-        });
-        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
-        for (n, r) in nodes.iter().zip(results) {
-            let t = r.map_err(|e| err("preflight", format!("node {}: {e}", n.name)))?;
-            transports.push(Arc::from(t));
-        }
-        let standbys = (1..nodes.len()).collect();
         Ok(Arc::new(Cycle {
             config: config.clone(),
-            nodes,
+            nodes: config.nodes.clone(),
             transports,
-            primary: 0,
-            standbys,
+            primary: resolved.primary,
+            standbys: resolved.standbys,
             ui,
             started_at: state::now(),
             started: Instant::now(),
             state: Mutex::new(Progress_::default()),
             lock: Mutex::new(None),
         }))
+    }
+
+    /// The primary, then the standbys of this cycle.
+    fn participants(&self) -> Vec<usize> {
+        let mut v = vec![self.primary];
+        v.extend(&self.standbys);
+        v
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, Progress_> {
@@ -218,7 +200,8 @@ impl Cycle {
     /// database answers a login. Nothing is stopped yet.
     fn preflight(&self) -> Result<(), CycleError> {
         self.begin("preflight")?;
-        for (i, n) in self.nodes.iter().enumerate() {
+        for i in self.participants() {
+            let n = &self.nodes[i];
             match service::running(self.t(i), n) {
                 Ok(Some(true)) | Ok(None) => {}
                 Ok(Some(false)) => self.ui.warn(&format!(
@@ -396,10 +379,9 @@ impl Cycle {
     /// Take the lock on every node of the cycle.
     fn lock(&self) -> Result<(), CycleError> {
         let pairs: Vec<(&Node, &dyn Transport)> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n, self.t(i)))
+            .participants()
+            .into_iter()
+            .map(|i| (&self.nodes[i], self.t(i)))
             .collect();
         let l = lock::acquire(&pairs, &Holder::me()).map_err(|e| err("lock", e))?;
         *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
@@ -554,7 +536,8 @@ impl Cycle {
             host: lock::hostname(),
             pid: std::process::id(),
         };
-        for (i, n) in self.nodes.iter().enumerate() {
+        for i in self.participants() {
+            let n = &self.nodes[i];
             let result = state::read_or_initial(self.t(i), n).and_then(|mut s| {
                 s.record_cycle(rec.clone());
                 state::write(self.t(i), n, &s)

@@ -21,6 +21,7 @@ pub mod db;
 pub mod doctor;
 pub mod hooks;
 pub mod lock;
+pub mod roles;
 pub mod schedule;
 pub mod service;
 pub mod signals;

@@ -11,6 +11,35 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use crate::config::{Node, Role};
+
+/// A node's role as its state record says: the config's two, plus fenced
+/// (an old primary that must not be written from or to until `rejoin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    Primary,
+    Standby,
+    Fenced,
+}
+
+impl From<Role> for NodeRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Primary => NodeRole::Primary,
+            Role::Standby => NodeRole::Standby,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeRole::Primary => "primary",
+            NodeRole::Standby => "standby",
+            NodeRole::Fenced => "fenced",
+        })
+    }
+}
 use crate::transport::{shell_quote, Transport};
 
 /// How many past cycles a record keeps.
@@ -46,15 +75,17 @@ pub struct CycleRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoleChange {
     pub at: String,
-    pub from: Option<Role>,
-    pub to: Role,
+    pub from: Option<NodeRole>,
+    pub to: NodeRole,
+    #[serde(default)]
+    pub epoch: u64,
     pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StateRecord {
     pub node: String,
-    pub role: Role,
+    pub role: NodeRole,
     pub epoch: u64,
     #[serde(default)]
     pub history: Vec<RoleChange>,
@@ -70,17 +101,31 @@ impl StateRecord {
     pub fn initial(node: &Node) -> StateRecord {
         StateRecord {
             node: node.name.clone(),
-            role: node.initial_role,
+            role: node.initial_role.into(),
             epoch: 1,
             history: vec![RoleChange {
                 at: now(),
                 from: None,
-                to: node.initial_role,
+                to: node.initial_role.into(),
+                epoch: 1,
                 reason: "first use: role from the config".into(),
             }],
             last_cycle: None,
             cycles: Vec::new(),
         }
+    }
+
+    /// Change the role and epoch, with a history entry.
+    pub fn change_role(&mut self, to: NodeRole, epoch: u64, reason: &str) {
+        self.history.push(RoleChange {
+            at: now(),
+            from: Some(self.role),
+            to,
+            epoch,
+            reason: reason.to_string(),
+        });
+        self.role = to;
+        self.epoch = epoch;
     }
 
     pub fn record_cycle(&mut self, c: CycleRecord) {

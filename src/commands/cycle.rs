@@ -69,13 +69,8 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
 /// The plan of a cycle: the service commands on each node, the file plan
 /// and the database plan. Changes nothing anywhere.
 fn dry_run(cli: &Cli, args: &SyncArgs, log: &Log, config: &hasync::config::Config) -> Result<Exit> {
-    let primary = config.initial_primary();
-    let standbys: Vec<_> = config
-        .nodes
-        .iter()
-        .filter(|n| n.initial_role == hasync::config::Role::Standby)
-        .filter(|n| args.to.as_ref().is_none_or(|t| &n.name == t))
-        .collect();
+    let (primary, standbys) = super::sync::direction(config, args, log)?;
+    let primary = &primary;
     let svc = |n: &hasync::config::Node, what: &str| match &n.service {
         Some(s) => {
             let cmd = if what == "stop" { &s.stop } else { &s.start };

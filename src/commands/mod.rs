@@ -7,7 +7,7 @@ mod docs;
 mod doctor;
 mod init;
 mod schedule;
-mod sync;
+pub mod sync;
 
 use anyhow::Result;
 use hasync::config::{Config, ConfigErrors};

@@ -3,8 +3,9 @@
 //! with their issues, and the command says so instead of pretending.
 
 use anyhow::{bail, Result};
-use hasync::config::{Config, Node, Role};
+use hasync::config::{Config, Node};
 use hasync::db::{self, replicate::DbPlan};
+use hasync::roles;
 use hasync::sync::plan::{human_bytes, itemize, Action};
 use hasync::sync::{self, Conn, SyncOptions};
 
@@ -21,10 +22,10 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         return super::cycle::run(cli, args, log);
     }
     let config = super::load_config(cli, log)?;
-    let primary = config.initial_primary();
-    let standbys = standbys(&config, args)?;
+    let (primary, standbys) = direction(&config, args, log)?;
+    let primary = &primary;
     let mut json_out = Vec::new();
-    for standby in standbys {
+    for standby in &standbys {
         let opts = SyncOptions {
             src_root: primary.root.clone(),
             dst_root: standby.root.clone(),
@@ -122,29 +123,30 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// The standbys a run replicates to: all of them, or the one `--to` names.
-fn standbys<'a>(config: &'a Config, args: &SyncArgs) -> Result<Vec<&'a Node>> {
-    let standbys: Vec<_> = config
-        .nodes
-        .iter()
-        .filter(|n| n.initial_role == Role::Standby)
-        .filter(|n| args.to.as_ref().is_none_or(|t| &n.name == t))
-        .collect();
-    if standbys.is_empty() {
-        bail!(
-            "no standby named {:?} in {}; the standbys are: {}",
-            args.to.as_deref().unwrap_or(""),
-            config.path.display(),
-            config
-                .nodes
-                .iter()
-                .filter(|n| n.initial_role == Role::Standby)
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+/// The direction of a run, from the nodes' state records (see
+/// `hasync::roles`): the primary and the standbys to copy to (all, or the
+/// one `--to` names). An old primary found on the way is fenced, except in
+/// a dry run, which changes nothing.
+pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, Vec<Node>)> {
+    let (transports, mut records) = roles::connect_all(config).map_err(|e| anyhow::anyhow!(e))?;
+    let resolved = if args.dry_run {
+        roles::resolve(&config.nodes, &records, args.to.as_deref())
+    } else {
+        roles::resolve_and_fence(config, &transports, &mut records, args.to.as_deref())
+    }?;
+    for s in &resolved.skipped {
+        if args.to.is_none() {
+            log.warn(&format!("left out: {s}"));
+        }
     }
-    Ok(standbys)
+    Ok((
+        config.nodes[resolved.primary].clone(),
+        resolved
+            .standbys
+            .iter()
+            .map(|&i| config.nodes[i].clone())
+            .collect(),
+    ))
 }
 
 /// `hasync sync --db-only`: the database phase alone, to every standby.
@@ -156,9 +158,10 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             config.path.display()
         );
     }
-    let primary = config.initial_primary();
+    let (primary, standbys) = direction(&config, args, log)?;
+    let primary = &primary;
     let mut json_out = Vec::new();
-    for standby in standbys(&config, args)? {
+    for standby in &standbys {
         if args.dry_run {
             let plan = db::replicate::plan(primary, standby)?;
             if cli.global.json {

@@ -15,8 +15,14 @@ struct AppsStopped;
 
 impl Drop for AppsStopped {
     fn drop(&mut self) {
+        // Never panic here: a panic while unwinding aborts the whole run.
         for n in &cluster().nodes {
-            n.app.stop();
+            let _ = std::process::Command::new(&n.app.script)
+                .arg("stop")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }
@@ -217,23 +223,51 @@ fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
     let _apps = AppsStopped;
     c.nodes[0].app.start();
     c.nodes[1].app.start();
-    let daemon = hasync().config(&cfg).args(["schedule"]).spawn();
-    crate::db::wait_until("a scheduled cycle", Duration::from_secs(150), || {
-        std::fs::read_to_string(s.state_dirs[1].join("state.json"))
-            .is_ok_and(|t| t.contains("\"outcome\": \"ok\""))
+    let mut daemon = hasync().config(&cfg).args(["schedule"]).spawn();
+    // Follow its log: after a cycle ended ok, it says when the next one is
+    // and sleeps; that is when SIGTERM must stop it cleanly.
+    let stderr = daemon.child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all += &line;
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
     });
-    // Between cycles now (the record is written at the end of one).
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(200);
+    let mut cycle_ok = false;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("the scheduler's log");
+        if line.starts_with("cycle ok") {
+            cycle_ok = true;
+        } else if cycle_ok && line.starts_with("next cycle at") {
+            // Not right at a minute boundary: the next cycle would start.
+            let sec: u32 = chrono::Local::now()
+                .format("%S")
+                .to_string()
+                .parse()
+                .unwrap();
+            if sec < 55 {
+                break;
+            }
+            cycle_ok = false;
+        }
+    }
     // SAFETY: signalling the child we spawned.
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
     let run = daemon.wait();
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.contains("next cycle at"), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("stopping the scheduler"),
-        "{}",
-        run.stderr
-    );
+    let log = reader.join().unwrap();
+    assert_eq!(run.code, 0, "{log}");
+    assert!(log.contains("stopping the scheduler"), "{log}");
+    assert_eq!(record(&s, 1)["last_cycle"]["outcome"], "ok");
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
     crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
     drop_dbs(Engine::Mysql, 0, db);
