@@ -19,6 +19,9 @@ _hasync() {
             hasync,agent)
                 cmd="hasync__subcmd__agent"
                 ;;
+            hasync,check)
+                cmd="hasync__subcmd__check"
+                ;;
             hasync,completions)
                 cmd="hasync__subcmd__completions"
                 ;;
@@ -34,14 +37,23 @@ _hasync() {
             hasync,man)
                 cmd="hasync__subcmd__man"
                 ;;
+            hasync,promote)
+                cmd="hasync__subcmd__promote"
+                ;;
             hasync,schedule)
                 cmd="hasync__subcmd__schedule"
+                ;;
+            hasync,status)
+                cmd="hasync__subcmd__status"
                 ;;
             hasync,sync)
                 cmd="hasync__subcmd__sync"
                 ;;
             hasync__subcmd__help,agent)
                 cmd="hasync__subcmd__help__subcmd__agent"
+                ;;
+            hasync__subcmd__help,check)
+                cmd="hasync__subcmd__help__subcmd__check"
                 ;;
             hasync__subcmd__help,completions)
                 cmd="hasync__subcmd__help__subcmd__completions"
@@ -58,8 +70,14 @@ _hasync() {
             hasync__subcmd__help,man)
                 cmd="hasync__subcmd__help__subcmd__man"
                 ;;
+            hasync__subcmd__help,promote)
+                cmd="hasync__subcmd__help__subcmd__promote"
+                ;;
             hasync__subcmd__help,schedule)
                 cmd="hasync__subcmd__help__subcmd__schedule"
+                ;;
+            hasync__subcmd__help,status)
+                cmd="hasync__subcmd__help__subcmd__status"
                 ;;
             hasync__subcmd__help,sync)
                 cmd="hasync__subcmd__help__subcmd__sync"
@@ -71,7 +89,7 @@ _hasync() {
 
     case "${cmd}" in
         hasync)
-            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync schedule completions man agent help"
+            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync status check promote schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -100,6 +118,36 @@ _hasync() {
             fi
             case "${prev}" in
                 --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__check)
+            opts="-c -v -q -h --max-age --prom-file --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --max-age)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prom-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -163,7 +211,7 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help)
-            opts="init doctor sync schedule completions man agent help"
+            opts="init doctor sync status check promote schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -177,6 +225,20 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__help__subcmd__check)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -260,7 +322,35 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__help__subcmd__promote)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__help__subcmd__schedule)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -336,6 +426,32 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__promote)
+            opts="-n -c -v -q -h --dry-run --force --max-age --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --max-age)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__schedule)
             opts="-c -v -q -h --next --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -347,6 +463,28 @@ _hasync() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__status)
+            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

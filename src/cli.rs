@@ -79,6 +79,31 @@ pub enum Command {
     /// until the next swap. Any failure leaves the live database untouched.
     /// Passwords reach the vendor tools in 0600 files, never on a command line.
     Sync(SyncArgs),
+    /// One line per node: role, epoch, reachable, service, database read-only, last cycle.
+    ///
+    /// Reads every node's state record over SSH. Unreachable nodes are shown,
+    /// not fatal. Warns about two primaries, an old primary, epoch mismatches
+    /// and a stale standby.
+    Status(StatusArgs),
+    /// A Nagios / Icinga plugin: one status line with perfdata, and Prometheus metrics.
+    ///
+    /// Exit codes are the plugin's own: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    /// CRITICAL: no primary, two primaries, an old primary back, the primary
+    /// unreachable, or no successful cycle within --max-age. WARNING: the last
+    /// cycle failed, a standby unreachable or fenced, a service down.
+    /// --prom-file writes node_exporter text-file metrics atomically.
+    Check(CheckArgs),
+    /// Make a standby the primary (failover), and fence the old primary.
+    ///
+    /// Runs the pre_promote hook (non-zero aborts), raises the epoch in the
+    /// node's state record (from then on the old primary can never sync onto
+    /// it), runs readwrite_sql, starts the service and waits for health; then,
+    /// if the old primary can be reached, stops its service, runs
+    /// readonly_sql there and marks it fenced; then runs post_promote.
+    /// Refused without --force when the old primary is reachable and its
+    /// service runs (that is a switchover), or when the standby's last cycle
+    /// failed or is older than --max-age.
+    Promote(PromoteArgs),
     /// Run cycles on the [schedule] cron line, in the foreground (for systemd).
     ///
     /// Fires `hasync sync` cycles at the times of the crontab(5) line in
@@ -123,6 +148,38 @@ pub struct SyncArgs {
     /// Only this standby (default: every standby).
     #[arg(long, value_name = "NODE")]
     pub to: Option<String>,
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    hasync::config::duration::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// CRITICAL when the standby's last successful cycle is older than this.
+    #[arg(long, value_name = "AGE", default_value = "26h", value_parser = duration)]
+    pub max_age: std::time::Duration,
+    /// Also write Prometheus text-file metrics here (atomically).
+    #[arg(long, value_name = "PATH")]
+    pub prom_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The standby to promote (default: the only standby).
+    pub node: Option<String>,
+    /// Show what would be done and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Promote even if the old primary is up or the standby is stale.
+    #[arg(long)]
+    pub force: bool,
+    /// Refuse (without --force) when the standby's last successful cycle is older.
+    #[arg(long, value_name = "AGE", default_value = "26h", value_parser = duration)]
+    pub max_age: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,9 @@ pub enum Exit {
     ChecksFailed,
     /// Interrupted by SIGINT or SIGTERM.
     Interrupted,
+    /// `check`: the monitoring plugin's own code (0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN), documented with the command.
+    Plugin(u8),
 }
 
 impl Exit {
@@ -36,6 +39,7 @@ impl Exit {
             Exit::Config => 3,
             Exit::ChecksFailed => 4,
             Exit::Interrupted => 130,
+            Exit::Plugin(c) => c,
         }
     }
 
@@ -51,6 +55,7 @@ impl Exit {
             }
             Exit::ChecksFailed => "doctor found a problem on a node",
             Exit::Interrupted => "interrupted by a signal (SIGINT or SIGTERM)",
+            Exit::Plugin(_) => "hasync check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
         }
     }
 }

@@ -197,6 +197,7 @@ mod tests {
             history: Vec::new(),
             last_cycle: None,
             cycles: Vec::new(),
+            failures_total: 0,
         }
     }
 
@@ -230,4 +231,90 @@ mod tests {
         let e = resolve(&n, &[rec(Standby, 1), rec(Standby, 1)], None).unwrap_err();
         assert!(matches!(e, RoleError::NoPrimary(_)), "{e}");
     }
+}
+
+/// One node as `hasync status` and `hasync check` see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub reachable: bool,
+    /// Why it is not reachable, or what could not be read.
+    pub error: Option<String>,
+    pub role: Option<NodeRole>,
+    pub epoch: Option<u64>,
+    /// Whether the node has a state record yet (else: the config's role).
+    pub has_record: bool,
+    pub service_running: Option<bool>,
+    /// The readonly_sql checks (its SELECTs) on the live database: true =
+    /// read-only, false = writable, None = no check configured or unreadable.
+    pub db_read_only: Option<bool>,
+    pub last_cycle: Option<state::CycleRecord>,
+    pub last_ok: Option<state::CycleRecord>,
+    pub failures_total: u64,
+    #[serde(skip)]
+    pub record: Option<StateRecord>,
+}
+
+/// Look at every node, in parallel; unreachable nodes are reported, not
+/// fatal.
+pub fn gather(config: &Config) -> Vec<NodeStatus> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = config
+            .nodes
+            .iter()
+            .map(|n| s.spawn(move || status_of(n)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("status thread panicked"))
+            .collect()
+    })
+}
+
+fn status_of(n: &Node) -> NodeStatus {
+    let mut st = NodeStatus {
+        node: n.name.clone(),
+        reachable: false,
+        error: None,
+        role: None,
+        epoch: None,
+        has_record: false,
+        service_running: None,
+        db_read_only: None,
+        last_cycle: None,
+        last_ok: None,
+        failures_total: 0,
+        record: None,
+    };
+    let t = match transport::connect(&n.endpoint) {
+        Ok(t) => t,
+        Err(e) => {
+            st.error = Some(e.to_string());
+            return st;
+        }
+    };
+    st.reachable = true;
+    let rec = match state::read(&*t, n) {
+        Ok(Some(r)) => {
+            st.has_record = true;
+            r
+        }
+        Ok(None) => StateRecord::initial(n),
+        Err(e) => {
+            st.error = Some(e.to_string());
+            return st;
+        }
+    };
+    st.role = Some(rec.role);
+    st.epoch = Some(rec.epoch);
+    st.last_cycle = rec.last_cycle.clone();
+    st.last_ok = rec.last_ok().cloned();
+    st.failures_total = rec.failures_total;
+    st.record = Some(rec);
+    match crate::service::running(&*t, n) {
+        Ok(r) => st.service_running = r,
+        Err(e) => st.error = Some(e.to_string()),
+    }
+    st.db_read_only = crate::db::replicate::read_only_flag(&*t, n);
+    st
 }

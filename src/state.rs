@@ -94,6 +94,9 @@ pub struct StateRecord {
     /// The last cycles, newest last (at most 20).
     #[serde(default)]
     pub cycles: Vec<CycleRecord>,
+    /// Cycles that did not end ok, ever (a counter for monitoring).
+    #[serde(default)]
+    pub failures_total: u64,
 }
 
 impl StateRecord {
@@ -112,7 +115,13 @@ impl StateRecord {
             }],
             last_cycle: None,
             cycles: Vec::new(),
+            failures_total: 0,
         }
+    }
+
+    /// The last cycle that ended ok.
+    pub fn last_ok(&self) -> Option<&CycleRecord> {
+        self.cycles.iter().rev().find(|c| c.outcome == "ok")
     }
 
     /// Change the role and epoch, with a history entry.
@@ -129,6 +138,9 @@ impl StateRecord {
     }
 
     pub fn record_cycle(&mut self, c: CycleRecord) {
+        if c.outcome != "ok" {
+            self.failures_total += 1;
+        }
         self.cycles.push(c.clone());
         let excess = self.cycles.len().saturating_sub(KEEP_CYCLES);
         self.cycles.drain(..excess);

@@ -6,6 +6,7 @@ mod cycle;
 mod docs;
 mod doctor;
 mod init;
+mod roles;
 mod schedule;
 pub mod sync;
 
@@ -24,6 +25,9 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args, log),
         Command::Schedule(args) => schedule::run(cli, args, log),
+        Command::Status(_) => roles::status(cli, log),
+        Command::Check(args) => roles::check(cli, args, log),
+        Command::Promote(args) => roles::promote(cli, args, log),
         Command::Agent(args) => agent::run(args),
     }
 }

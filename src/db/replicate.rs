@@ -876,6 +876,68 @@ fn replicate_pg_staged(
     Ok(out)
 }
 
+/// Whether a node's live database is read-only, by the SELECT checks of its
+/// `readonly_sql`: `None` when there are none or the database cannot be
+/// reached.
+pub fn read_only_flag(t: &dyn Transport, node: &Node) -> Option<bool> {
+    let db = node.database.as_ref()?;
+    let checks = queries(&db.readonly_sql);
+    if checks.is_empty() {
+        return None;
+    }
+    let password = db.password().ok()?;
+    let tunnel = t.tunnel(&db.host, db.port).ok()?;
+    let outcome = match db.engine {
+        Engine::Mysql => {
+            let mut c =
+                super::mysql_connect(db, password.as_deref(), tunnel.local_addr, None).ok()?;
+            mysql::run_checked(&mut c, &db.name, &checks, &node.name)
+        }
+        Engine::Postgres => {
+            let mut c =
+                super::pg_connect(db, password.as_deref(), tunnel.local_addr, &db.name).ok()?;
+            pg::run_checked(&mut c, &checks, &node.name)
+        }
+    };
+    match outcome {
+        Ok(_) => Some(true),
+        Err(DbError::Query { detail, .. }) if detail.contains("not true") => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Run `statements` (readonly_sql or readwrite_sql) on a node's live
+/// database, checked like readonly_sql (see [`check_statement`]).
+pub fn run_on_live(
+    t: &dyn Transport,
+    node: &Node,
+    statements: &[String],
+) -> Result<usize, StepError> {
+    let Some(db) = node.database.as_ref() else {
+        return Ok(0);
+    };
+    if statements.is_empty() {
+        return Ok(0);
+    }
+    let password = db.password().map_err(|e| fail("settings", &node.name, e))?;
+    let tunnel = t
+        .tunnel(&db.host, db.port)
+        .map_err(|e| fail("connect", &node.name, e))?;
+    match db.engine {
+        Engine::Mysql => {
+            let mut c = super::mysql_connect(db, password.as_deref(), tunnel.local_addr, None)
+                .map_err(|e| fail("connect", &node.name, e))?;
+            mysql::run_checked(&mut c, &db.name, statements, &node.name)
+        }
+        Engine::Postgres => {
+            let mut c = super::pg_connect(db, password.as_deref(), tunnel.local_addr, &db.name)
+                .map_err(|e| fail("connect", &node.name, e))?;
+            pg::run_checked(&mut c, statements, &node.name)
+        }
+    }
+    .map_err(|e| fail("SQL", &node.name, e))
+}
+
 /// What `--dry-run` shows: the primary's tables with exact row counts, the
 /// estimated size, and the steps with their commands. Changes nothing
 /// anywhere (no staging database, no credential file).

@@ -11,7 +11,7 @@ use crate::setup::Setup;
 
 /// Stops both fake applications when dropped: other tests expect them
 /// stopped, whatever this test did (or where it panicked).
-struct AppsStopped;
+pub struct AppsStopped;
 
 impl Drop for AppsStopped {
     fn drop(&mut self) {
@@ -27,13 +27,13 @@ impl Drop for AppsStopped {
     }
 }
 
-fn record(s: &Setup, i: usize) -> serde_json::Value {
+pub fn record(s: &Setup, i: usize) -> serde_json::Value {
     let p = s.state_dirs[i].join("state.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
 
-fn cycle_setup(label: &str, db: &str) -> Setup {
+pub fn cycle_setup(label: &str, db: &str) -> Setup {
     let mut s = Setup::exclusive(label);
     s.db_name = db.to_string();
     s.readonly_sql = vec![

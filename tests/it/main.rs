@@ -17,5 +17,6 @@ mod filter_rsync;
 mod harness;
 mod harness_selftest;
 mod openssh;
+mod roles;
 mod setup;
 mod sync;

@@ -1,0 +1,122 @@
+//! Roles over the real harness: status and check in each state, a promote
+//! while the primary is unreachable, and the old primary refused and fenced
+//! when it comes back.
+
+use crate::cmd::hasync;
+use crate::cycle::{cycle_setup, record, AppsStopped};
+use crate::db::{admin, dump_text, Engine};
+use crate::harness::cluster;
+
+const READWRITE: &str =
+    "readwrite_sql = [\"UPDATE OKM_CONFIG SET CFG_VALUE = 'false' WHERE CFG_KEY = 'system.readonly'\"]\n";
+
+#[test]
+fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
+    let db = "okmdb_roles";
+    let s = cycle_setup("roles-promote", db);
+    let cfg = s.write();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("readonly_sql = ", &format!("{READWRITE}readonly_sql = "));
+    std::fs::write(&cfg, text).unwrap();
+    let c = cluster();
+    let _apps = AppsStopped;
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+
+    // Healthy: a first cycle, then status and check say so.
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    let st = hasync().config(&cfg).args(["status"]).run();
+    st.code(0)
+        .stdout_has("okm1       primary  epoch 1")
+        .stdout_has("okm2       standby  epoch 1");
+    assert!(
+        !st.stdout.contains("WARNING") && !st.stdout.contains("CRITICAL"),
+        "{}",
+        st.stdout
+    );
+    let prom = s.dir.join("hasync.prom");
+    let chk = hasync()
+        .config(&cfg)
+        .args(["check", "--prom-file", prom.to_str().unwrap()])
+        .run();
+    chk.code(0)
+        .stdout_has("HASYNC OK - okm1 primary (epoch 1)")
+        .stdout_has("| age=");
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        metrics.contains("hasync_epoch{cluster=\"it\",node=\"okm2\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hasync_role{cluster=\"it\",node=\"okm1\",role=\"primary\"} 1"),
+        "{metrics}"
+    );
+    // Stale: a check with a tiny max age is critical.
+    let stale = hasync()
+        .config(&cfg)
+        .args(["check", "--max-age", "1ms"])
+        .run();
+    stale
+        .code(2)
+        .stdout_has("HASYNC CRITICAL")
+        .stdout_has("stale");
+
+    // The primary dies (its sshd is gone): unreachable, shown, not fatal.
+    c.nodes[0].sshd.stop();
+    let st = hasync().config(&cfg).args(["status"]).run();
+    st.code(0).stdout_has("okm1       UNREACHABLE");
+    let mirror_files = crate::sync::snapshot(&s.roots[1]);
+
+    // A dry run changes nothing.
+    let dry = hasync().config(&cfg).args(["promote", "--dry-run"]).run();
+    dry.code(0)
+        .stdout_has("would promote okm2 to primary at epoch 2");
+    assert_eq!(record(&s, 1)["role"], "standby");
+
+    let p = hasync().config(&cfg).args(["promote"]).run();
+    p.code(0).stderr_has("okm2 is the primary now (epoch 2)");
+    let r = record(&s, 1);
+    assert_eq!(
+        (r["role"].as_str(), r["epoch"].as_u64()),
+        (Some("primary"), Some(2)),
+        "{r}"
+    );
+    assert!(c.nodes[1].app.is_running());
+    let flag = admin(
+        Engine::Mysql,
+        1,
+        db,
+        "SELECT CFG_VALUE FROM OKM_CONFIG WHERE CFG_KEY = 'system.readonly'",
+    );
+    assert_eq!(flag.trim(), "false", "readwrite_sql ran on the new primary");
+
+    // The old primary comes back and its cron runs a cycle: refused, fenced,
+    // nothing on the new primary changes.
+    c.nodes[0].sshd.start();
+    let before = dump_text(Engine::Mysql, 1, db);
+    let run = hasync().config(&cfg).args(["sync"]).run();
+    run.code(1)
+        .stderr_has("CRITICAL")
+        .stderr_has("okm1 was primary at epoch 1");
+    assert_eq!(record(&s, 0)["role"], "fenced");
+    assert_eq!(
+        before,
+        dump_text(Engine::Mysql, 1, db),
+        "the new primary's database is untouched"
+    );
+    assert_eq!(
+        mirror_files,
+        crate::sync::snapshot(&s.roots[1]),
+        "the new primary's files are untouched"
+    );
+    let st = hasync().config(&cfg).args(["status"]).run();
+    st.code(0)
+        .stdout_has("okm1       fenced")
+        .stdout_has("okm2       primary  epoch 2");
+    let chk = hasync().config(&cfg).args(["check"]).run();
+    assert!(chk.code == 1 || chk.code == 2, "{}", chk.stdout);
+    assert!(chk.stdout.contains("fenced"), "{}", chk.stdout);
+    crate::db::drop_dbs(Engine::Mysql, 0, db);
+    crate::db::drop_dbs(Engine::Mysql, 1, db);
+}
