@@ -128,7 +128,10 @@ pub enum Msg {
     Sync {
         id: u64,
     },
-    /// Request `id` succeeded; `bytes` is what it wrote (files) or 0.
+    /// Request `id` succeeded; `bytes` is what it wrote (files) or 0. For
+    /// a file: sent once it is durable under its final name. The receiver
+    /// commits files in batches, so it may come after answers to later
+    /// requests; a `Sync` (and the end of the input) commits the batch.
     Done {
         id: u64,
         bytes: u64,
