@@ -174,45 +174,38 @@ pub fn serve(
                 s.out.flush()?;
             }
         }
-        let msg = match wire::recv(&mut input, &mut buf) {
-            Ok(Some(m)) => m,
+        match wire::read_frame(&mut input, &mut buf) {
+            Ok(Some(())) => {}
             Ok(None) => {
                 // The client closed the connection: what it sent completely
                 // is committed, as without batching.
                 s.commit_batch()?;
                 break;
             }
-            Err(e) => {
-                let _ = wire::send(
-                    &mut s.out,
-                    &Msg::Fatal {
-                        message: e.to_string(),
-                    },
-                );
-                let _ = s.out.flush();
-                return Err(e.into());
-            }
-        };
-        if !s.batch.files.is_empty() && s.batch_conflicts(&msg) {
-            s.commit_batch()?;
+            Err(e) => return Err(s.fatal(e.into())),
         }
-        match s.handle(msg) {
+        // File content goes from the frame buffer to the file, uncopied.
+        let handled = match wire::data_view(&buf) {
+            Some(Ok((id, bytes))) => s.data(id, bytes).map(|()| true),
+            Some(Err(e)) => Err(e.into()),
+            None => match Msg::decode(&buf) {
+                Ok(msg) => {
+                    if !s.batch.files.is_empty() && s.batch_conflicts(&msg) {
+                        s.commit_batch()?;
+                    }
+                    s.handle(msg)
+                }
+                Err(e) => Err(e.into()),
+            },
+        };
+        match handled {
             Ok(true) => {
                 if s.batch.since.is_some_and(|t| t.elapsed() >= BATCH_AGE) {
                     s.commit_batch()?;
                 }
             }
             Ok(false) => break,
-            Err(AgentError::Refused(message)) => {
-                wire::send(
-                    &mut s.out,
-                    &Msg::Fatal {
-                        message: message.clone(),
-                    },
-                )?;
-                s.out.flush()?;
-                return Err(AgentError::Refused(message));
-            }
+            Err(e @ (AgentError::Refused(_) | AgentError::Wire(_))) => return Err(s.fatal(e)),
             Err(e) => return Err(e),
         }
     }
@@ -238,6 +231,20 @@ impl<W: Write> Session<W> {
     fn send(&mut self, m: &Msg) -> Result<(), AgentError> {
         wire::send(&mut self.out, m)?;
         Ok(())
+    }
+
+    /// Tells the client why the session ends (best effort) and returns
+    /// the error. A refusal (a request this agent will not serve) or a
+    /// malformed frame is `Fatal`; i/o errors are not reported.
+    fn fatal(&mut self, e: AgentError) -> AgentError {
+        let message = match &e {
+            AgentError::Refused(m) => m.clone(),
+            AgentError::Wire(w) => w.to_string(),
+            AgentError::Io(_) => return e,
+        };
+        let _ = wire::send(&mut self.out, &Msg::Fatal { message });
+        let _ = self.out.flush();
+        e
     }
 
     /// Handle one message; false ends the session.
@@ -291,16 +298,14 @@ impl<W: Write> Session<W> {
                 match res {
                     Ok(sig) => {
                         for c in sig.chunks(CHUNK) {
-                            self.send(&Msg::Data {
-                                id,
-                                bytes: c.to_vec(),
-                            })?;
+                            wire::send_data(&mut self.out, id, c)?;
                         }
                         self.send(&Msg::Done { id, bytes: 0 })?;
                     }
                     Err(e) => self.send(&fs_fail(id, &e))?,
                 }
             }
+            // Normally handled before decoding (see serve).
             Msg::Data { id, bytes } => self.data(id, &bytes)?,
             Msg::DeltaReq { id, path } => {
                 let sig = self.signatures.remove(&id).unwrap_or_default();
@@ -452,15 +457,7 @@ impl<W: Write> Session<W> {
             Err(e) => return self.send(&fs_fail(id, &e)),
         };
         let out = &mut self.out;
-        let mut sink = |c: &[u8]| {
-            wire::send(
-                out,
-                &Msg::Data {
-                    id,
-                    bytes: c.to_vec(),
-                },
-            )
-        };
+        let mut sink = |c: &[u8]| wire::send_data(out, id, c);
         let res = match sig {
             Some(sig) => delta::delta_of_file(&file, sig, CHUNK, &mut sink)
                 .map(|s| (s.size, s.hash, s.literal_bytes, s.matched_bytes))
