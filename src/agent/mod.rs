@@ -144,6 +144,10 @@ struct Session<W: Write> {
 /// `pinned_root`: the only root this agent may serve (`hasync agent --root
 /// DIR`, which hasync always passes). With an SSH key restricted to that
 /// command in `authorized_keys`, a hostile peer cannot point the agent at `/`.
+///
+/// `input` must be a descriptor `poll(2)` works on (a pipe or a socket):
+/// received files are committed in batches, and a pause in the input is
+/// what commits a batch the client is waiting for.
 pub fn serve(
     input: impl Read + AsFd,
     output: impl Write,
