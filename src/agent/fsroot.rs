@@ -29,8 +29,9 @@
 //!   either seen (and refused) or irrelevant. The tests race exactly that.
 //! - **leave a half-written file under a real name.** Files are written to
 //!   `.<name>.hasync-<16 hex>.tmp` in the target directory (`O_CREAT |
-//!   O_EXCL | O_NOFOLLOW`, mode 0600 so nobody reads a partial file),
-//!   fsynced, given their attributes, and `renameat`ed over the final name.
+//!   O_EXCL | O_NOFOLLOW`, mode 0600 so nobody reads a partial file), given
+//!   their attributes, made durable, and only then `renameat`ed over the
+//!   final name.
 //!   A crash leaves at most such a temporary file; [`Root::remove_leftovers`]
 //!   deletes them and [`scan`] never reports them. The pattern is reserved:
 //!   a peer path with a component matching it is refused, so the peer cannot
@@ -58,13 +59,25 @@
 //!
 //! - **Order of a commit**: flush, `fchown`, `fchmod` (after chown, which
 //!   clears setuid/setgid), `futimens` (last, so nothing bumps the mtime
-//!   afterwards), then a single `fsync` covering data and metadata, then
-//!   `renameat`. The file's fsync is not optional: without it a crash after
+//!   afterwards), then make data and metadata durable, then `renameat`.
+//!   Durability before the rename is not optional: without it a crash after
 //!   the rename can show an empty or partial file under the real name on
-//!   XFS, btrfs or ext4 without `auto_da_alloc`.
+//!   XFS, btrfs or ext4 without `auto_da_alloc`. [`TempFile::commit`] does
+//!   it for one file with its own `fsync`. Many files are cheaper together:
+//!   [`TempFile::stage`] leaves each complete under its temporary name, and
+//!   [`Root::commit_batch`] makes the whole batch durable at once, renames
+//!   every file of it, then makes the renames durable. With
+//!   [`Durability::Syncfs`] that is two `syncfs(2)` per batch instead of
+//!   one `fsync` per file and per directory (50,000 small files in 35,000
+//!   directories: ~85,000 fsyncs became ~25 syncfs pairs); the fallback,
+//!   [`Durability::FsyncEach`], fsyncs the files of a batch from
+//!   [`SYNC_THREADS`] threads, so that the journal commits many at once.
+//!   A file whose durability step failed is never renamed.
 //! - **Directory fsync is batched**: every operation records the directory
 //!   it changed; [`Root::sync_dirs`] fsyncs each once (the `Sync` request of
-//!   the protocol). Until then a crash may lose renames, deletes and mkdirs,
+//!   the protocol, and every [`Root::commit_batch`]), or with
+//!   [`Durability::Syncfs`] and more than a few directories calls `syncfs`
+//!   once. Until then a crash may lose renames, deletes and mkdirs,
 //!   i.e. roll a name back to its previous complete version, never expose a
 //!   partial one.
 //! - **Replacing across types** (a file where a directory is, and so on) is
@@ -685,6 +698,50 @@ mod sys {
         cvt(|| unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
     }
 
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: start writing the range
+    /// back, without waiting. A hint: errors are ignored (the later sync
+    /// reports them).
+    pub(super) fn start_writeback(fd: BorrowedFd<'_>, offset: u64, len: u64) {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: valid fd; no memory is passed.
+        unsafe {
+            libc::sync_file_range(fd.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
+    pub(super) fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: valid fd.
+        cvt(|| unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+    }
+
+    /// The `f_type` of the file system holding `fd`.
+    pub(super) fn fstatfs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
+        // SAFETY: statfs is plain data; fstatfs fills it.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and a valid out pointer.
+        cvt(|| unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st.f_type as i64)
+    }
+
+    /// The running kernel's (major, minor) version.
+    pub(super) fn kernel_release() -> Option<(u32, u32)> {
+        // SAFETY: utsname is plain data; uname fills it.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid out pointer.
+        if unsafe { libc::uname(&mut u) } != 0 {
+            return None;
+        }
+        // SAFETY: uname NUL-terminates release.
+        let release = unsafe { CStr::from_ptr(u.release.as_ptr()) }.to_bytes();
+        let mut parts = release
+            .split(|b| !b.is_ascii_digit())
+            .map(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    }
+
     /// The names in a directory, without `.` and `..`, in one reusable
     /// arena. Each name is stored NUL-terminated.
     #[derive(Default)]
@@ -938,7 +995,41 @@ pub struct Root {
     path: PathBuf,
     dirty: Arc<Mutex<BTreeSet<Vec<u8>>>>,
     preserve_setid: bool,
+    durability: Durability,
 }
+
+/// How [`Root::commit_batch`] makes a batch of staged files durable before
+/// renaming them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// One `syncfs(2)` of the root's file system for the whole batch (and
+    /// one more for the renamed names): the kernel writes every dirty page
+    /// and commits the journal once. Chosen on Linux >= 5.8, where `syncfs`
+    /// reports writeback errors, for local file systems known to implement
+    /// it ([`SYNCFS_FILESYSTEMS`]).
+    Syncfs,
+    /// `fsync` of every file of the batch, from up to [`SYNC_THREADS`]
+    /// threads at once (so that a journaling file system commits many in one
+    /// transaction), then of every directory that got a new name.
+    FsyncEach,
+}
+
+/// A file being written has its writeback started every this many bytes
+/// ([`TempFile`]).
+pub const WRITE_BEHIND: u64 = 8 << 20;
+
+/// Threads that fsync a batch's files at once ([`Durability::FsyncEach`]).
+pub const SYNC_THREADS: usize = 8;
+
+/// `statfs` magic numbers of the file systems [`Durability::Syncfs`] is used
+/// on: ext2/3/4, XFS, btrfs, F2FS, tmpfs. Anything else (network and FUSE
+/// file systems, overlayfs, ...) fsyncs each file.
+pub const SYNCFS_FILESYSTEMS: [i64; 5] =
+    [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+
+/// More dirty directories than this are made durable by one `syncfs` rather
+/// than one `fsync` each ([`Durability::Syncfs`] only).
+const SYNCFS_DIRS: usize = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -983,17 +1074,93 @@ fn rename_into_place(
     }
 }
 
+/// The durability step of a batch failed for the file `temp_rel`.
+fn durability_error(temp_rel: &[u8], code: Option<i32>) -> FsError {
+    io_err(
+        "make durable",
+        temp_rel,
+        code.map_or_else(
+            || io::Error::other("syncfs failed"),
+            io::Error::from_raw_os_error,
+        ),
+    )
+}
+
+/// fsyncs every staged file from up to [`SYNC_THREADS`] threads; a file
+/// whose fsync failed is dropped (its temporary file removed).
+fn fsync_all(files: Vec<Staged>) -> Vec<Result<Staged, FsError>> {
+    let n = files.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let threads = SYNC_THREADS.min(n);
+    let per = n.div_ceil(threads);
+    let mut slots: Vec<Option<Staged>> = files.into_iter().map(Some).collect();
+    let mut errors: Vec<Option<io::Error>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        for (fs, es) in slots.chunks_mut(per).zip(errors.chunks_mut(per)) {
+            s.spawn(move || {
+                for (f, e) in fs.iter().zip(es.iter_mut()) {
+                    let f = f.as_ref().expect("staged file present");
+                    let r = match &f.file {
+                        Some(file) => file.sync_all(),
+                        None => Err(io::Error::other("the file was closed before its sync")),
+                    };
+                    *e = r.err();
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .zip(errors)
+        .map(|(f, e)| {
+            let f = f.expect("staged file present");
+            match e {
+                None => Ok(f),
+                Some(e) => Err(io_err("sync", &f.temp_rel, e)),
+            }
+        })
+        .collect()
+}
+
+/// [`Durability::Syncfs`] on Linux >= 5.8 (where `syncfs` reports writeback
+/// errors) for the file systems in [`SYNCFS_FILESYSTEMS`], else
+/// [`Durability::FsyncEach`].
+fn default_durability(fd: BorrowedFd<'_>) -> Durability {
+    let kernel_ok = sys::kernel_release().is_some_and(|(major, minor)| (major, minor) >= (5, 8));
+    let fs_ok = sys::fstatfs_type(fd).is_ok_and(|t| SYNCFS_FILESYSTEMS.contains(&t));
+    if kernel_ok && fs_ok {
+        Durability::Syncfs
+    } else {
+        Durability::FsyncEach
+    }
+}
+
 impl Root {
     /// Opens the root directory, which must exist. The path itself is
     /// trusted configuration: symlinks in it are followed.
     pub fn open(path: &Path) -> Result<Root, FsError> {
         let fd = open_root(path)?;
+        let durability = default_durability(fd.as_fd());
         Ok(Root {
             fd,
             path: path.to_path_buf(),
             dirty: Arc::default(),
             preserve_setid: false,
+            durability,
         })
+    }
+
+    /// How batches are made durable (chosen by [`Root::open`] for the
+    /// kernel and file system; see [`Durability`]).
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Overrides the choice of [`Root::open`] (tests, measurements).
+    pub fn set_durability(&mut self, d: Durability) {
+        self.durability = d;
     }
 
     /// The path the root was opened with.
@@ -1040,7 +1207,7 @@ impl Root {
             match sys::openat_n(dir.as_fd(), &tmp, flags, 0o600) {
                 Ok(fd) => {
                     return Ok(TempFile {
-                        parent: dir,
+                        parent: Arc::new(dir),
                         rel: rel.to_vec(),
                         name_at,
                         temp_rel,
@@ -1048,6 +1215,7 @@ impl Root {
                         writer: Some(BufWriter::with_capacity(WRITE_BUFFER, File::from(fd))),
                         hasher: blake3::Hasher::new(),
                         written: 0,
+                        kicked: 0,
                         dirty: self.dirty.clone(),
                         preserve_setid: self.preserve_setid,
                         done: false,
@@ -1264,6 +1432,13 @@ impl Root {
     /// creations and deletions survive a crash.
     pub fn sync_dirs(&self) -> Result<(), FsError> {
         let dirs = std::mem::take(&mut *lock(&self.dirty));
+        if self.durability == Durability::Syncfs && dirs.len() > SYNCFS_DIRS {
+            if let Err(e) = self.syncfs() {
+                lock(&self.dirty).extend(dirs);
+                return Err(e);
+            }
+            return Ok(());
+        }
         let mut it = dirs.into_iter();
         while let Some(d) = it.next() {
             if let Err(e) = self.sync_dir(&d) {
@@ -1292,6 +1467,59 @@ impl Root {
             Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => Ok(()),
             Err(e) => Err(io_err(OP, d, e)),
         }
+    }
+
+    /// `syncfs(2)` of the root's file system: every dirty page and inode
+    /// on it reaches the disk. Since Linux 5.8 it fails if writeback failed
+    /// since the descriptor was opened ([`Root::open`] only picks
+    /// [`Durability::Syncfs`] there).
+    fn syncfs(&self) -> Result<(), FsError> {
+        sys::syncfs(self.fd.as_fd())
+            .map_err(|e| io_err("sync the file system of", b"." as &[u8], e))
+    }
+
+    /// Commits staged files together: makes all of them durable at once
+    /// (see [`Durability`]), then renames each over its final name, then
+    /// makes the renames durable ([`Root::sync_dirs`]). No file is renamed
+    /// before its content is durable: a file whose durability step failed
+    /// is not renamed and its temporary file is removed. Returns one result
+    /// per file, in order; an error after the renames (syncing the
+    /// directories) fails every renamed file of the batch, whose names
+    /// may then roll back to their previous complete versions in a crash.
+    pub fn commit_batch(&self, files: Vec<Staged>) -> Vec<Result<(), FsError>> {
+        let synced: Vec<Result<Staged, FsError>> = match self.durability {
+            Durability::Syncfs => match self.syncfs() {
+                Ok(()) => files.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    let code = e.io_error().and_then(io::Error::raw_os_error);
+                    files
+                        .into_iter()
+                        .map(|f| Err(durability_error(&f.temp_rel, code)))
+                        .collect()
+                }
+            },
+            Durability::FsyncEach => fsync_all(files),
+        };
+        let mut results: Vec<Result<(), FsError>> = synced
+            .into_iter()
+            .map(|r| r.and_then(Staged::publish))
+            .collect();
+        if results.iter().any(Result::is_ok) {
+            if let Err(e) = self.sync_dirs() {
+                let code = e.io_error().and_then(io::Error::raw_os_error);
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(io_err(
+                        "sync the directories of the batch of",
+                        e.path(),
+                        code.map_or_else(
+                            || io::Error::other(e.to_string()),
+                            io::Error::from_raw_os_error,
+                        ),
+                    ));
+                }
+            }
+        }
+        results
     }
 
     /// [`scan`] of this root.
@@ -1442,7 +1670,7 @@ fn clean_dir(fd: OwnedFd, rel: &mut Vec<u8>, count: &mut u64) -> Result<(), FsEr
 /// can check it against the sender's hash. Dropping it without
 /// [`TempFile::commit`] deletes it.
 pub struct TempFile {
-    parent: OwnedFd,
+    parent: Arc<OwnedFd>,
     rel: Vec<u8>,
     name_at: usize,
     temp_rel: Vec<u8>,
@@ -1450,6 +1678,8 @@ pub struct TempFile {
     writer: Option<BufWriter<File>>,
     hasher: blake3::Hasher,
     written: u64,
+    /// Bytes whose writeback was started ([`WRITE_BEHIND`]).
+    kicked: u64,
     dirty: Arc<Mutex<BTreeSet<Vec<u8>>>>,
     preserve_setid: bool,
     done: bool,
@@ -1486,14 +1716,48 @@ impl TempFile {
         *self.hasher.finalize().as_bytes()
     }
 
+    /// Starts writeback of what the buffer has passed to the file, every
+    /// [`WRITE_BEHIND`] bytes, so that a large file's final sync does not
+    /// find all of it still dirty: the disk writes while the rest arrives.
+    /// Only a hint (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); durability
+    /// still comes from the sync before the rename.
+    fn write_behind(&mut self) {
+        if self.written - self.kicked < WRITE_BEHIND {
+            return;
+        }
+        let Some(w) = self.writer.as_ref() else {
+            return;
+        };
+        let end = self.written - w.buffer().len() as u64;
+        if end > self.kicked {
+            sys::start_writeback(w.get_ref().as_fd(), self.kicked, end - self.kicked);
+            self.kicked = end;
+        }
+    }
+
     fn write_error(&self, e: io::Error) -> io::Error {
         io::Error::new(e.kind(), io_err("write", &self.temp_rel, e))
     }
 
     /// Flushes, sets owner, mode and (last) mtime, fsyncs, and renames the
     /// file over its final name (replacing a file or symlink there, or an
-    /// empty directory). On error the temporary file is deleted.
-    pub fn commit(mut self, attrs: &Attrs) -> Result<(), FsError> {
+    /// empty directory). On error the temporary file is deleted. Many files
+    /// are cheaper together: [`TempFile::stage`] and [`Root::commit_batch`].
+    pub fn commit(self, attrs: &Attrs) -> Result<(), FsError> {
+        let staged = self.stage(attrs, true)?;
+        let file = staged.file.as_ref().expect("kept open");
+        file.sync_all()
+            .map_err(|e| io_err("sync", &staged.temp_rel, e))?;
+        staged.publish()
+    }
+
+    /// Flushes and sets owner, mode and (last) mtime, but neither syncs nor
+    /// renames: the file stays under its temporary name until
+    /// [`Root::commit_batch`] makes it durable and renames it (dropping the
+    /// [`Staged`] file instead deletes it). `keep_open`: keep the
+    /// descriptor for [`Durability::FsyncEach`]; with
+    /// [`Durability::Syncfs`] only the directory's is kept.
+    pub fn stage(mut self, attrs: &Attrs, keep_open: bool) -> Result<Staged, FsError> {
         attrs.check("commit", &self.rel)?;
         let writer = self.writer.take().expect("writer present until commit");
         let file = match writer.into_inner() {
@@ -1512,9 +1776,58 @@ impl TempFile {
             self.preserve_setid,
             &self.temp_rel,
         )?;
-        file.sync_all()
-            .map_err(|e| io_err("sync", &self.temp_rel, e))?;
-        drop(file);
+        // From here on the Staged file owns the temporary name.
+        self.done = true;
+        Ok(Staged {
+            parent: self.parent.clone(),
+            rel: std::mem::take(&mut self.rel),
+            name_at: self.name_at,
+            temp_rel: std::mem::take(&mut self.temp_rel),
+            temp_at: self.temp_at,
+            file: keep_open.then_some(file),
+            dirty: self.dirty.clone(),
+            done: false,
+        })
+    }
+}
+
+/// A complete temporary file with its attributes, not yet durable and not
+/// yet under its final name; see [`TempFile::stage`] and
+/// [`Root::commit_batch`]. Dropping it deletes the temporary file.
+pub struct Staged {
+    parent: Arc<OwnedFd>,
+    rel: Vec<u8>,
+    name_at: usize,
+    temp_rel: Vec<u8>,
+    temp_at: usize,
+    file: Option<File>,
+    dirty: Arc<Mutex<BTreeSet<Vec<u8>>>>,
+    done: bool,
+}
+
+impl fmt::Debug for Staged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staged")
+            .field("path", &PathBytes(self.rel.clone()))
+            .field("temp", &PathBytes(self.temp_rel.clone()))
+            .finish()
+    }
+}
+
+impl Staged {
+    /// The final path, relative to the root.
+    pub fn path(&self) -> &[u8] {
+        &self.rel
+    }
+
+    /// The temporary file's path, relative to the root.
+    pub fn temp_path(&self) -> &[u8] {
+        &self.temp_rel
+    }
+
+    /// Renames the file into place. Only after its content is durable.
+    fn publish(mut self) -> Result<(), FsError> {
+        drop(self.file.take());
         rename_into_place(
             self.parent.as_fd(),
             &self.temp_rel[self.temp_at..],
@@ -1527,6 +1840,14 @@ impl TempFile {
     }
 }
 
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = sys::unlinkat(self.parent.as_fd(), &self.temp_rel[self.temp_at..], 0);
+        }
+    }
+}
+
 impl Write for TempFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let w = self.writer.as_mut().expect("writer present until commit");
@@ -1534,6 +1855,7 @@ impl Write for TempFile {
             Ok(n) => {
                 self.hasher.update(&buf[..n]);
                 self.written += n as u64;
+                self.write_behind();
                 Ok(n)
             }
             Err(e) => Err(self.write_error(e)),
@@ -1546,6 +1868,7 @@ impl Write for TempFile {
             Ok(()) => {
                 self.hasher.update(buf);
                 self.written += buf.len() as u64;
+                self.write_behind();
                 Ok(())
             }
             Err(e) => Err(self.write_error(e)),
@@ -2394,6 +2717,110 @@ mod tests {
         assert_eq!(listing(&p(&f.root_path, "d")), vec![b"f.txt".to_vec()]);
         r.sync_dirs().unwrap();
         assert!(lock(&r.dirty).is_empty());
+    }
+
+    fn staged(root: &Root, rel: &[u8], content: &[u8], keep_open: bool) -> Staged {
+        let mut t = root.begin_file(rel).unwrap();
+        t.write_all(content).unwrap();
+        t.stage(&attrs(0o644), keep_open).unwrap()
+    }
+
+    fn temps_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(temps_under(&e.path()));
+            } else if is_temp_name(e.file_name().as_bytes()) {
+                out.push(e.path());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn staged_files_appear_only_when_the_batch_commits() {
+        for durability in [Durability::Syncfs, Durability::FsyncEach] {
+            let mut f = fixture();
+            f.root.set_durability(durability);
+            let r = &f.root;
+            fs::create_dir(p(&f.root_path, "d")).unwrap();
+            fs::write(p(&f.root_path, "d/old"), b"old").unwrap();
+            let keep = durability == Durability::FsyncEach;
+            let batch = vec![
+                staged(r, b"d/old", b"new content", keep),
+                staged(r, b"d/fresh", b"fresh", keep),
+                staged(r, b"top", b"top", keep),
+            ];
+            // Staged: complete under temporary names, the real ones untouched.
+            assert_eq!(fs::read(p(&f.root_path, "d/old")).unwrap(), b"old");
+            assert!(!p(&f.root_path, "d/fresh").exists());
+            assert!(!p(&f.root_path, "top").exists());
+            assert_eq!(temps_under(&f.root_path).len(), 3);
+            let results = r.commit_batch(batch);
+            assert!(
+                results.iter().all(Result::is_ok),
+                "{durability:?}: {results:?}"
+            );
+            assert_eq!(fs::read(p(&f.root_path, "d/old")).unwrap(), b"new content");
+            assert_eq!(fs::read(p(&f.root_path, "d/fresh")).unwrap(), b"fresh");
+            assert_eq!(fs::read(p(&f.root_path, "top")).unwrap(), b"top");
+            let m = fs::metadata(p(&f.root_path, "top")).unwrap();
+            assert_eq!(m.mode() & 0o7777, 0o644);
+            assert_eq!(m.mtime(), 1_600_000_000);
+            assert!(temps_under(&f.root_path).is_empty());
+            // The batch made its renames durable too.
+            assert!(lock(&r.dirty).is_empty(), "{durability:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_made_durable_is_never_renamed() {
+        let mut f = fixture();
+        f.root.set_durability(Durability::FsyncEach);
+        let r = &f.root;
+        fs::write(p(&f.root_path, "a"), b"old a").unwrap();
+        // Staged without its descriptor, so its fsync cannot happen.
+        let batch = vec![
+            staged(r, b"a", b"new a", false),
+            staged(r, b"b", b"new b", true),
+        ];
+        let results = r.commit_batch(batch);
+        let e = results[0].as_ref().unwrap_err();
+        assert!(e.to_string().contains("sync"), "{e}");
+        assert!(results[1].is_ok());
+        assert_eq!(fs::read(p(&f.root_path, "a")).unwrap(), b"old a");
+        assert_eq!(fs::read(p(&f.root_path, "b")).unwrap(), b"new b");
+        assert!(temps_under(&f.root_path).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_batch_leaves_nothing() {
+        let f = fixture();
+        fs::write(p(&f.root_path, "a"), b"old a").unwrap();
+        let batch = vec![
+            staged(&f.root, b"a", b"new a", false),
+            staged(&f.root, b"b", b"new b", true),
+        ];
+        assert_eq!(temps_under(&f.root_path).len(), 2);
+        drop(batch);
+        assert!(temps_under(&f.root_path).is_empty());
+        assert_eq!(fs::read(p(&f.root_path, "a")).unwrap(), b"old a");
+        assert!(!p(&f.root_path, "b").exists());
+    }
+
+    #[test]
+    fn durability_is_chosen_for_this_kernel_and_file_system() {
+        let f = fixture();
+        let local =
+            sys::fstatfs_type(f.root.fd.as_fd()).is_ok_and(|t| SYNCFS_FILESYSTEMS.contains(&t));
+        let new_kernel = sys::kernel_release().unwrap() >= (5, 8);
+        let expect = if local && new_kernel {
+            Durability::Syncfs
+        } else {
+            Durability::FsyncEach
+        };
+        assert_eq!(f.root.durability(), expect);
     }
 
     #[test]

@@ -11,15 +11,17 @@
 pub mod fsroot;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::sync::delta;
 use crate::sync::filter::Filter;
 use crate::version;
-use fsroot::{FsError, Root, TempFile};
+use fsroot::{Durability, FsError, Root, Staged, TempFile};
 use wire::{Msg, WireError, CHUNK};
 
 /// Why an agent session ended badly.
@@ -36,6 +38,66 @@ pub enum AgentError {
 /// The largest signature the agent buffers for one delta request (a
 /// signature is well under 1% of its file; this allows files of terabytes).
 const MAX_SIGNATURE: usize = 512 << 20;
+
+// Received files are committed in batches (see [`Batch`]): written under
+// their temporary names, made durable together, renamed, and only then
+// acknowledged. A batch is committed when it holds BATCH_FILES files (fewer
+// if the descriptor limit is low) or BATCH_BYTES bytes, when its oldest file
+// waited BATCH_AGE, when no request arrives within BATCH_IDLE (the stream
+// paused: the client is waiting for the answers), and before any request
+// that is not part of a file transfer.
+const BATCH_FILES: usize = 4096;
+const BATCH_BYTES: u64 = 128 << 20;
+const BATCH_AGE: Duration = Duration::from_secs(1);
+const BATCH_IDLE: Duration = Duration::from_millis(5);
+/// Files at least this large are committed alone with their own fsync
+/// (their writeback dominates; batching gains nothing).
+const SOLO_FILE: u64 = 32 << 20;
+
+/// Files written, verified and staged, waiting to be committed together.
+#[derive(Default)]
+struct Batch {
+    files: Vec<(u64, u64, Staged)>,
+    /// Their final paths, to commit first when a request touches one.
+    paths: HashSet<Vec<u8>>,
+    bytes: u64,
+    since: Option<Instant>,
+}
+
+/// How many files a batch may hold open at once: each staged file keeps its
+/// directory's descriptor (and its own with [`Durability::FsyncEach`]).
+fn batch_files_limit(durability: Durability) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out pointer.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    let per_file = if durability == Durability::FsyncEach {
+        2
+    } else {
+        1
+    };
+    (soft.saturating_sub(128) / per_file).clamp(16, BATCH_FILES)
+}
+
+/// Whether `fd` becomes readable within `wait`.
+fn readable_within(fd: BorrowedFd<'_>, wait: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    // An error or a hang-up: let the read find out.
+    n != 0
+}
 
 /// A file being written: its temp file, fed directly or through a delta
 /// applier, and what it must hash to.
@@ -72,6 +134,8 @@ struct Session<W: Write> {
     /// Bytes in `signatures`, all ids together (capped at MAX_SIGNATURE).
     signature_bytes: usize,
     writing: Option<Writing>,
+    batch: Batch,
+    batch_files: usize,
 }
 
 /// Serve one session on `input` / `output` until the client says Bye or
@@ -80,8 +144,12 @@ struct Session<W: Write> {
 /// `pinned_root`: the only root this agent may serve (`hasync agent --root
 /// DIR`, which hasync always passes). With an SSH key restricted to that
 /// command in `authorized_keys`, a hostile peer cannot point the agent at `/`.
+///
+/// `input` must be a descriptor `poll(2)` works on (a pipe or a socket):
+/// received files are committed in batches, and a pause in the input is
+/// what commits a batch the client is waiting for.
 pub fn serve(
-    input: impl Read,
+    input: impl Read + AsFd,
     output: impl Write,
     pinned_root: Option<&Path>,
 ) -> Result<(), AgentError> {
@@ -95,40 +163,53 @@ pub fn serve(
         signatures: HashMap::new(),
         signature_bytes: 0,
         writing: None,
+        batch: Batch::default(),
+        batch_files: BATCH_FILES,
     };
     let mut buf = Vec::new();
     loop {
         // About to wait for the client: make sure it has everything we said.
         if input.buffer().is_empty() {
             s.out.flush()?;
-        }
-        let msg = match wire::recv(&mut input, &mut buf) {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                let _ = wire::send(
-                    &mut s.out,
-                    &Msg::Fatal {
-                        message: e.to_string(),
-                    },
-                );
-                let _ = s.out.flush();
-                return Err(e.into());
-            }
-        };
-        match s.handle(msg) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(AgentError::Refused(message)) => {
-                wire::send(
-                    &mut s.out,
-                    &Msg::Fatal {
-                        message: message.clone(),
-                    },
-                )?;
+            // Nothing more coming for now: the client may be waiting for
+            // the answers of the batch.
+            if !s.batch.files.is_empty() && !readable_within(input.get_ref().as_fd(), BATCH_IDLE) {
+                s.commit_batch()?;
                 s.out.flush()?;
-                return Err(AgentError::Refused(message));
             }
+        }
+        match wire::read_frame(&mut input, &mut buf) {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                // The client closed the connection: what it sent completely
+                // is committed, as without batching.
+                s.commit_batch()?;
+                break;
+            }
+            Err(e) => return Err(s.fatal(e.into())),
+        }
+        // File content goes from the frame buffer to the file, uncopied.
+        let handled = match wire::data_view(&buf) {
+            Some(Ok((id, bytes))) => s.data(id, bytes).map(|()| true),
+            Some(Err(e)) => Err(e.into()),
+            None => match Msg::decode(&buf) {
+                Ok(msg) => {
+                    if !s.batch.files.is_empty() && s.batch_conflicts(&msg) {
+                        s.commit_batch()?;
+                    }
+                    s.handle(msg)
+                }
+                Err(e) => Err(e.into()),
+            },
+        };
+        match handled {
+            Ok(true) => {
+                if s.batch.since.is_some_and(|t| t.elapsed() >= BATCH_AGE) {
+                    s.commit_batch()?;
+                }
+            }
+            Ok(false) => break,
+            Err(e @ (AgentError::Refused(_) | AgentError::Wire(_))) => return Err(s.fatal(e)),
             Err(e) => return Err(e),
         }
     }
@@ -154,6 +235,20 @@ impl<W: Write> Session<W> {
     fn send(&mut self, m: &Msg) -> Result<(), AgentError> {
         wire::send(&mut self.out, m)?;
         Ok(())
+    }
+
+    /// Tells the client why the session ends (best effort) and returns
+    /// the error. A refusal (a request this agent will not serve) or a
+    /// malformed frame is `Fatal`; i/o errors are not reported.
+    fn fatal(&mut self, e: AgentError) -> AgentError {
+        let message = match &e {
+            AgentError::Refused(m) => m.clone(),
+            AgentError::Wire(w) => w.to_string(),
+            AgentError::Io(_) => return e,
+        };
+        let _ = wire::send(&mut self.out, &Msg::Fatal { message });
+        let _ = self.out.flush();
+        e
     }
 
     /// Handle one message; false ends the session.
@@ -186,6 +281,7 @@ impl<W: Write> Session<W> {
                     let shown = fsroot::PathBytes(root.clone());
                     AgentError::Refused(format!("root {shown}: {e}"))
                 })?;
+                self.batch_files = batch_files_limit(r.durability());
                 self.root = Some(r);
                 self.send(&Msg::Welcome {
                     protocol: version::PROTOCOL,
@@ -206,16 +302,14 @@ impl<W: Write> Session<W> {
                 match res {
                     Ok(sig) => {
                         for c in sig.chunks(CHUNK) {
-                            self.send(&Msg::Data {
-                                id,
-                                bytes: c.to_vec(),
-                            })?;
+                            wire::send_data(&mut self.out, id, c)?;
                         }
                         self.send(&Msg::Done { id, bytes: 0 })?;
                     }
                     Err(e) => self.send(&fs_fail(id, &e))?,
                 }
             }
+            // Normally handled before decoding (see serve).
             Msg::Data { id, bytes } => self.data(id, &bytes)?,
             Msg::DeltaReq { id, path } => {
                 let sig = self.signatures.remove(&id).unwrap_or_default();
@@ -367,15 +461,7 @@ impl<W: Write> Session<W> {
             Err(e) => return self.send(&fs_fail(id, &e)),
         };
         let out = &mut self.out;
-        let mut sink = |c: &[u8]| {
-            wire::send(
-                out,
-                &Msg::Data {
-                    id,
-                    bytes: c.to_vec(),
-                },
-            )
-        };
+        let mut sink = |c: &[u8]| wire::send_data(out, id, c);
         let res = match sig {
             Some(sig) => delta::delta_of_file(&file, sig, CHUNK, &mut sink)
                 .map(|s| (s.size, s.hash, s.literal_bytes, s.matched_bytes))
@@ -519,10 +605,64 @@ impl<W: Write> Session<W> {
             });
         }
         let owner = superuser.then_some((attrs.uid, attrs.gid));
-        match temp.commit(&fs_attrs(&attrs, owner)) {
-            Ok(()) => self.send(&Msg::Done { id, bytes: size }),
+        let attrs = fs_attrs(&attrs, owner);
+        if size >= SOLO_FILE {
+            return match temp.commit(&attrs) {
+                Ok(()) => self.send(&Msg::Done { id, bytes: size }),
+                Err(e) => self.send(&fs_fail(id, &e)),
+            };
+        }
+        let keep_open = self.root()?.durability() == Durability::FsyncEach;
+        match temp.stage(&attrs, keep_open) {
+            Ok(staged) => {
+                let b = &mut self.batch;
+                b.paths.insert(staged.path().to_vec());
+                b.files.push((id, size, staged));
+                b.bytes += size;
+                b.since.get_or_insert_with(Instant::now);
+                if b.files.len() >= self.batch_files || b.bytes >= BATCH_BYTES {
+                    self.commit_batch()?;
+                }
+                Ok(())
+            }
             Err(e) => self.send(&fs_fail(id, &e)),
         }
+    }
+
+    /// Whether `msg` must wait for the pending batch to be committed: any
+    /// request but a file transfer, and a transfer that touches a path in
+    /// the batch (a second version of it, a delta against it).
+    fn batch_conflicts(&self, msg: &Msg) -> bool {
+        match msg {
+            Msg::Data { .. } | Msg::End { .. } | Msg::Fail { .. } => false,
+            Msg::Begin { path, .. }
+            | Msg::SigReq { path, .. }
+            | Msg::ReadReq { path, .. }
+            | Msg::DeltaReq { path, .. } => self.batch.paths.contains(path),
+            _ => true,
+        }
+    }
+
+    /// Commits the pending batch ([`Root::commit_batch`]: durable, renamed,
+    /// renames durable) and only then answers `Done` for its files.
+    fn commit_batch(&mut self) -> Result<(), AgentError> {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.files.is_empty() {
+            return Ok(());
+        }
+        let (ids, staged): (Vec<(u64, u64)>, Vec<Staged>) = batch
+            .files
+            .into_iter()
+            .map(|(id, size, f)| ((id, size), f))
+            .unzip();
+        let results = self.root()?.commit_batch(staged);
+        for ((id, size), r) in ids.into_iter().zip(results) {
+            match r {
+                Ok(()) => self.send(&Msg::Done { id, bytes: size })?,
+                Err(e) => self.send(&fs_fail(id, &e))?,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -128,7 +128,10 @@ pub enum Msg {
     Sync {
         id: u64,
     },
-    /// Request `id` succeeded; `bytes` is what it wrote (files) or 0.
+    /// Request `id` succeeded; `bytes` is what it wrote (files) or 0. For
+    /// a file: sent once it is durable under its final name. The receiver
+    /// commits files in batches, so it may come after answers to later
+    /// requests; a `Sync` (and the end of the input) commits the batch.
     Done {
         id: u64,
         bytes: u64,
@@ -662,6 +665,44 @@ pub fn send(w: &mut impl Write, msg: &Msg) -> io::Result<()> {
     w.write_all(&msg.encode())
 }
 
+/// Write `Msg::Data { id, bytes }` without building the message: the same
+/// frame as [`send`], without copying `bytes` twice on the way. `bytes` must
+/// fit a frame (at most [`CHUNK`] is ever sent).
+pub fn send_data(w: &mut impl Write, id: u64, bytes: &[u8]) -> io::Result<()> {
+    let mut head = [0u8; DATA_HEADER];
+    let len = u32::try_from(DATA_HEADER - 4 + bytes.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_FRAME)
+        .ok_or_else(|| io::Error::other("data chunk larger than a frame"))?;
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = T_DATA;
+    head[5..13].copy_from_slice(&id.to_le_bytes());
+    head[13..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(bytes)
+}
+
+/// Bytes of a `Data` frame before its payload: length, type, id, length of
+/// the payload.
+const DATA_HEADER: usize = 4 + 1 + 8 + 4;
+
+/// A frame body (as [`read_frame`] returns it) that is a `Data` message:
+/// its id and payload, borrowed, after the same checks as [`Msg::decode`].
+/// `None` for any other message (decode it).
+pub fn data_view(body: &[u8]) -> Option<Result<(u64, &[u8]), WireError>> {
+    if body.first() != Some(&T_DATA) {
+        return None;
+    }
+    let mut d = Dec(&body[1..]);
+    Some((|| {
+        let id = d.u64()?;
+        let n = d.u32()? as usize;
+        let bytes = d.take(n)?;
+        d.end()?;
+        Ok((id, bytes))
+    })())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -781,6 +822,35 @@ mod tests {
             message: "bad".into(),
         });
         round_trip(Msg::Bye);
+    }
+
+    #[test]
+    fn data_frames_without_copies_match_the_message() {
+        for n in [0usize, 1, 1000, CHUNK] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let m = Msg::Data {
+                id: 77,
+                bytes: bytes.clone(),
+            };
+            let mut direct = Vec::new();
+            send_data(&mut direct, 77, &bytes).unwrap();
+            assert_eq!(direct, m.encode());
+            let mut buf = Vec::new();
+            read_frame(&mut &direct[..], &mut buf).unwrap().unwrap();
+            let (id, view) = data_view(&buf).unwrap().unwrap();
+            assert_eq!((id, view), (77, &bytes[..]));
+        }
+        assert!(data_view(&Msg::Bye.encode()[4..]).is_none());
+        // A payload length past the frame, and trailing bytes: refused.
+        let mut f = Msg::Data {
+            id: 1,
+            bytes: vec![1, 2, 3],
+        }
+        .encode();
+        f[13] = 4;
+        assert!(data_view(&f[4..]).unwrap().is_err());
+        f[13] = 2;
+        assert!(data_view(&f[4..]).unwrap().is_err());
     }
 
     #[test]

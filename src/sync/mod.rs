@@ -234,6 +234,9 @@ impl<T: Write> Write for Counted<T> {
     }
 }
 
+/// The buffer in front of each connection's writer; see [`Side::new`].
+const WRITE_BUFFER: usize = 64 << 10;
+
 type Reader = BufReader<Counted<Box<dyn Read + Send>>>;
 type Writer = BufWriter<Counted<Box<dyn Write + Send>>>;
 
@@ -288,8 +291,10 @@ impl Side {
                     count: received.clone(),
                 },
             ),
+            // Small frames coalesce; file data (up to CHUNK per frame) is
+            // written straight from its frame, not copied into the buffer.
             writer: BufWriter::with_capacity(
-                wire::CHUNK + 64,
+                WRITE_BUFFER,
                 Counted {
                     inner: c.writer,
                     count: sent.clone(),
@@ -476,6 +481,52 @@ fn close(mut src: Side, mut dst: Side, summary: &mut Summary) -> Result<(), Sync
         }
     }
     Ok(())
+}
+
+/// A frame from the source during the transfer: for a request (with the
+/// message unless it is file data, and the frame as received), its Bye, or
+/// something to ignore.
+enum Frame {
+    Job(u64, Option<Msg>, Vec<u8>),
+    Bye,
+    Other,
+}
+
+/// Reads one whole frame, length header included, into a new buffer (to be
+/// forwarded as it is).
+fn recv_raw(node: &str, step: &'static str, r: &mut Reader) -> Result<Vec<u8>, SyncError> {
+    let err = |source| SyncError::Connection {
+        node: node.into(),
+        step,
+        source,
+    };
+    let mut head = [0u8; 4];
+    match r.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(err(wire::WireError::Closed))
+        }
+        Err(e) => return Err(err(e.into())),
+    }
+    let len = u32::from_le_bytes(head) as usize;
+    if len > wire::MAX_FRAME {
+        return Err(err(wire::WireError::TooLarge(len)));
+    }
+    if len == 0 {
+        return Err(err(wire::WireError::Malformed("empty frame".into())));
+    }
+    let mut raw = vec![0u8; 4 + len];
+    raw[..4].copy_from_slice(&head);
+    r.read_exact(&mut raw[4..]).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            err(wire::WireError::Malformed(format!(
+                "stream ends inside a frame of {len} bytes"
+            )))
+        } else {
+            err(e.into())
+        }
+    })?;
+    Ok(raw)
 }
 
 /// A request id that only wakes the standby's reader.
@@ -676,10 +727,36 @@ fn execute(
         let to_dst1 = to_dst.clone();
         let src_node1 = src_node.clone();
         let sr = s.spawn(move || {
-            let mut buf = Vec::new();
             loop {
-                let msg = match recv(&src_node1, "file transfer", src_reader, &mut buf) {
-                    Ok(m) => m,
+                // Frames are forwarded as they came, without decoding and
+                // re-encoding file content.
+                let parsed = recv_raw(&src_node1, "file transfer", src_reader).and_then(|raw| {
+                    let conn_err = |e| SyncError::Connection {
+                        node: src_node1.clone(),
+                        step: "file transfer",
+                        source: e,
+                    };
+                    let msg = match wire::data_view(&raw[4..]) {
+                        Some(Ok((id, _))) => return Ok(Frame::Job(id, None, raw)),
+                        Some(Err(e)) => return Err(conn_err(e)),
+                        None => Msg::decode(&raw[4..]).map_err(conn_err)?,
+                    };
+                    match msg {
+                        Msg::Fatal { message } => Err(SyncError::Agent {
+                            node: src_node1.clone(),
+                            message,
+                        }),
+                        Msg::End { id, .. } | Msg::Fail { id, .. } => {
+                            Ok(Frame::Job(id, Some(msg), raw))
+                        }
+                        Msg::Bye => Ok(Frame::Bye),
+                        _ => Ok(Frame::Other),
+                    }
+                });
+                let (id, msg, raw) = match parsed {
+                    Ok(Frame::Job(id, msg, raw)) => (id, msg, raw),
+                    Ok(Frame::Bye) => return,
+                    Ok(Frame::Other) => continue,
                     Err(e) => {
                         let mut st = st1.lock().expect("state lock");
                         if st.fatal.is_none() && st.outstanding > 0 {
@@ -689,11 +766,6 @@ fn execute(
                         }
                         return;
                     }
-                };
-                let id = match &msg {
-                    Msg::Data { id, .. } | Msg::End { id, .. } | Msg::Fail { id, .. } => *id,
-                    Msg::Bye => return,
-                    _ => continue,
                 };
                 let mut st = st1.lock().expect("state lock");
                 if st.fatal.is_some() {
@@ -705,12 +777,10 @@ fn execute(
                 };
                 if !job.begun {
                     job.begun = true;
-                    if matches!(msg, Msg::Fail { .. }) {
+                    if let Some(Msg::Fail { message, .. }) = &msg {
                         // Never started on the standby: the failure is ours to count.
-                        if let Msg::Fail { message, .. } = &msg {
-                            let p = String::from_utf8_lossy(&job.entry.path).into_owned();
-                            st.failures.push(format!("{p}: {message}"));
-                        }
+                        let p = String::from_utf8_lossy(&job.entry.path).into_owned();
+                        st.failures.push(format!("{p}: {message}"));
                         st.outstanding -= 1;
                         continue;
                     }
@@ -724,16 +794,16 @@ fn execute(
                     let _ = to_dst1.send(frame(&begin));
                     st = st1.lock().expect("state lock");
                 }
-                if let Msg::End {
+                if let Some(Msg::End {
                     literal, matched, ..
-                } = &msg
+                }) = &msg
                 {
                     st.literal += literal;
                     st.matched += matched;
                 }
                 drop(st);
                 // Forward the frame as it came.
-                let _ = to_dst1.send(frame(&msg));
+                let _ = to_dst1.send(Out::Frame(raw));
             }
         });
 
