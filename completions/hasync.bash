@@ -28,6 +28,9 @@ _hasync() {
             hasync,doctor)
                 cmd="hasync__subcmd__doctor"
                 ;;
+            hasync,health-server)
+                cmd="hasync__subcmd__health__subcmd__server"
+                ;;
             hasync,help)
                 cmd="hasync__subcmd__help"
                 ;;
@@ -40,11 +43,17 @@ _hasync() {
             hasync,promote)
                 cmd="hasync__subcmd__promote"
                 ;;
+            hasync,rejoin)
+                cmd="hasync__subcmd__rejoin"
+                ;;
             hasync,schedule)
                 cmd="hasync__subcmd__schedule"
                 ;;
             hasync,status)
                 cmd="hasync__subcmd__status"
+                ;;
+            hasync,switchover)
+                cmd="hasync__subcmd__switchover"
                 ;;
             hasync,sync)
                 cmd="hasync__subcmd__sync"
@@ -61,6 +70,9 @@ _hasync() {
             hasync__subcmd__help,doctor)
                 cmd="hasync__subcmd__help__subcmd__doctor"
                 ;;
+            hasync__subcmd__help,health-server)
+                cmd="hasync__subcmd__help__subcmd__health__subcmd__server"
+                ;;
             hasync__subcmd__help,help)
                 cmd="hasync__subcmd__help__subcmd__help"
                 ;;
@@ -73,11 +85,17 @@ _hasync() {
             hasync__subcmd__help,promote)
                 cmd="hasync__subcmd__help__subcmd__promote"
                 ;;
+            hasync__subcmd__help,rejoin)
+                cmd="hasync__subcmd__help__subcmd__rejoin"
+                ;;
             hasync__subcmd__help,schedule)
                 cmd="hasync__subcmd__help__subcmd__schedule"
                 ;;
             hasync__subcmd__help,status)
                 cmd="hasync__subcmd__help__subcmd__status"
+                ;;
+            hasync__subcmd__help,switchover)
+                cmd="hasync__subcmd__help__subcmd__switchover"
                 ;;
             hasync__subcmd__help,sync)
                 cmd="hasync__subcmd__help__subcmd__sync"
@@ -89,7 +107,7 @@ _hasync() {
 
     case "${cmd}" in
         hasync)
-            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync status check promote schedule completions man agent help"
+            opts="-c -v -q -h -V --config --verbose --quiet --json --no-progress --help --version init doctor sync status check promote switchover rejoin health-server schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -210,8 +228,30 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__health__subcmd__server)
+            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__help)
-            opts="init doctor sync status check promote schedule completions man agent help"
+            opts="init doctor sync status check promote switchover rejoin health-server schedule completions man agent help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -267,6 +307,20 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help__subcmd__doctor)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__help__subcmd__health__subcmd__server)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -336,6 +390,20 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__help__subcmd__rejoin)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__help__subcmd__schedule)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -351,6 +419,20 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__help__subcmd__switchover)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -452,6 +534,28 @@ _hasync() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hasync__subcmd__rejoin)
+            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hasync__subcmd__schedule)
             opts="-c -v -q -h --next --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -479,6 +583,28 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__status)
+            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hasync__subcmd__switchover)
             opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

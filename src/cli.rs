@@ -104,6 +104,12 @@ pub enum Command {
     /// service runs (that is a switchover), or when the standby's last cycle
     /// failed or is older than --max-age.
     Promote(PromoteArgs),
+    /// Planned, lossless role swap (not built yet).
+    Switchover(NotBuiltArgs),
+    /// Turn a fenced old primary into a standby of the current primary (not built yet).
+    Rejoin(NotBuiltArgs),
+    /// HTTP endpoint /primary, /standby, /health for load balancers (not built yet).
+    HealthServer(NotBuiltArgs),
     /// Run cycles on the [schedule] cron line, in the foreground (for systemd).
     ///
     /// Fires `hasync sync` cycles at the times of the crontab(5) line in
@@ -156,6 +162,14 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {}
+
+/// Arguments of a command that is not built yet: accepted, then refused
+/// with a plain message.
+#[derive(Debug, Args)]
+pub struct NotBuiltArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
