@@ -283,14 +283,19 @@ pub fn database_exists(client: &mut Client, name: &str) -> Result<bool, DbError>
     Ok(!rows.is_empty())
 }
 
-/// End the other sessions connected to `names` (hasync's own role may end
-/// its own sessions; others need pg_signal_backend).
+/// End the other client sessions connected to `names` that hasync's role
+/// may end: its own, or any but superusers' with pg_signal_backend.
+/// Autovacuum workers are left alone (the rename stops them itself), and so
+/// are sessions it may not end: the rename then fails and says so.
 fn disconnect(client: &mut Client, names: &[&str]) -> Result<(), DbError> {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     client
         .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a \
+             WHERE a.datname = ANY($1) AND a.pid <> pg_backend_pid() \
+             AND a.backend_type = 'client backend' \
+             AND (a.usename = current_user OR (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                  AND NOT COALESCE((SELECT rolsuper FROM pg_roles r WHERE r.rolname = a.usename), true)))",
             &[&names],
         )
         .map_err(|e| pg_error("ending sessions on the databases to swap", e))?;
@@ -349,10 +354,24 @@ fn retry_in_use(mut f: impl FnMut() -> Result<(), DbError>) -> Result<(), DbErro
     loop {
         match f() {
             Err(DbError::Query { detail, .. })
-                if attempt < 10 && detail.contains("is being accessed by other users") =>
+                if attempt < 3 && detail.contains("is being accessed by other users") =>
             {
+                // Each attempt already waited 5 s for the sessions to end.
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(200 * attempt));
+            }
+            Err(DbError::Query {
+                engine,
+                context,
+                detail,
+            }) if detail.contains("is being accessed by other users") => {
+                return Err(DbError::Query {
+                    engine,
+                    context,
+                    detail: format!(
+                        "{detail}; hasync ends its own user's sessions, not others': end them (see pg_stat_activity) or grant pg_signal_backend to the [database] user"
+                    ),
+                })
             }
             other => return other,
         }

@@ -916,3 +916,44 @@ fn foreign_definer_is_a_clear_error_mysql() {
 fn foreign_owner_is_a_clear_error_postgres() {
     foreign_owner_is_a_clear_error(Engine::Postgres);
 }
+
+/// A superuser session on the mirror's live PostgreSQL database (hasync's
+/// user may not end it) blocks the swap: a clear error saying what to do,
+/// the live database untouched, staging dropped.
+#[test]
+fn a_session_hasync_may_not_end_blocks_the_swap_clearly() {
+    let e = Engine::Postgres;
+    let db = "okmdb_busy_postgres";
+    let s = setup(e, "db-busy-postgres", db);
+    let cfg = s.write();
+    fresh_db(e, 0, db);
+    fresh_db(e, 1, db);
+    as_okm(e, 0, db, small_schema(e));
+    as_okm(e, 1, db, small_schema(e));
+    let before = dump_text(e, 1, db);
+    let mut busy = node(1).postgres.admin_client();
+    busy.args(["-d", db, "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut busy = busy.spawn().unwrap();
+    wait_until("the superuser session", Duration::from_secs(10), || {
+        admin(e, 1, "postgres", &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep%'"))
+            .trim()
+            == "1"
+    });
+    let run = hasync().config(&cfg).args(["sync", "--db-only"]).run();
+    let _ = busy.kill();
+    let _ = busy.wait();
+    run.code(1)
+        .stderr_has("database swap on okm2")
+        .stderr_has("is being accessed by other users")
+        .stderr_has("pg_signal_backend");
+    assert_same_dump(
+        &before,
+        &dump_text(e, 1, db),
+        "live mirror after a refused swap",
+    );
+    assert_eq!(databases(e, 1, db), vec![db.to_string()]);
+    drop_dbs(e, 0, db);
+    drop_dbs(e, 1, db);
+}
