@@ -97,6 +97,23 @@ pub struct DbSummary {
     pub warnings: Vec<String>,
 }
 
+impl DbSummary {
+    fn phase(
+        &mut self,
+        name: &'static str,
+        started: Instant,
+        rows: Option<u64>,
+        bytes: Option<u64>,
+    ) {
+        self.phases.push(PhaseReport {
+            name,
+            secs: secs(started),
+            rows,
+            bytes,
+        });
+    }
+}
+
 /// What a dry run found and would do.
 #[derive(Debug, Clone, Serialize)]
 pub struct DbPlan {
@@ -627,12 +644,12 @@ fn replicate_mysql(
             )?
         };
         out.bytes = counter.bytes();
-        out.phases.push(PhaseReport {
-            name: "dump and load",
-            secs: secs(t),
-            rows: Some(counter.total_rows()),
-            bytes: Some(counter.bytes()),
-        });
+        out.phase(
+            "dump and load",
+            t,
+            Some(counter.total_rows()),
+            Some(counter.bytes()),
+        );
 
         let t = Instant::now();
         progress.phase("verify");
@@ -651,24 +668,14 @@ fn replicate_mysql(
         out.rows = verify_counts(&want, &got, "the dump", dst.name())?;
         out.tables = scat.tables.len();
         out.objects = scat.objects.len();
-        out.phases.push(PhaseReport {
-            name: "verify",
-            secs: secs(t),
-            rows: Some(out.rows),
-            bytes: None,
-        });
+        out.phase("verify", t, Some(out.rows), None);
 
         let t = Instant::now();
         progress.phase("read-only");
         out.readonly_statements =
             mysql::run_checked(&mut mc, &staging, &dst.db.readonly_sql, dst.name())
                 .map_err(|e| fail("read-only SQL", dst.name(), e))?;
-        out.phases.push(PhaseReport {
-            name: "read-only",
-            secs: secs(t),
-            rows: None,
-            bytes: None,
-        });
+        out.phase("read-only", t, None, None);
         Ok(())
     })();
     if let Err(e) = staged {
@@ -695,12 +702,7 @@ fn replicate_mysql(
     let checks = queries(&dst.db.readonly_sql);
     mysql::run_checked(&mut mc, &dst.db.name, &checks, dst.name())
         .map_err(|e| fail("read-only check after the swap", dst.name(), e))?;
-    out.phases.push(PhaseReport {
-        name: "swap",
-        secs: secs(t),
-        rows: None,
-        bytes: None,
-    });
+    out.phase("swap", t, None, None);
     Ok(out)
 }
 
@@ -785,12 +787,12 @@ fn replicate_pg_staged(
         // The snapshot is no longer needed once pg_dump ended.
         pg::run(&mut pc, "COMMIT").map_err(|e| fail("dump", src.name(), e))?;
         out.bytes = counter.bytes();
-        out.phases.push(PhaseReport {
-            name: "dump and load",
-            secs: secs(t),
-            rows: Some(counter.total_rows()),
-            bytes: Some(counter.bytes()),
-        });
+        out.phase(
+            "dump and load",
+            t,
+            Some(counter.total_rows()),
+            Some(counter.bytes()),
+        );
 
         let t = Instant::now();
         progress.phase("verify");
@@ -822,23 +824,13 @@ fn replicate_pg_staged(
         })?;
         out.tables = scat.tables.len();
         out.objects = scat.objects.len();
-        out.phases.push(PhaseReport {
-            name: "verify",
-            secs: secs(t),
-            rows: Some(out.rows),
-            bytes: None,
-        });
+        out.phase("verify", t, Some(out.rows), None);
 
         let t = Instant::now();
         progress.phase("read-only");
         out.readonly_statements = pg::run_checked(&mut ms, &dst.db.readonly_sql, dst.name())
             .map_err(|e| fail("read-only SQL", dst.name(), e))?;
-        out.phases.push(PhaseReport {
-            name: "read-only",
-            secs: secs(t),
-            rows: None,
-            bytes: None,
-        });
+        out.phase("read-only", t, None, None);
         Ok(())
     })();
     drop(pc);
@@ -867,12 +859,7 @@ fn replicate_pg_staged(
         pg::run_checked(&mut live, &checks, dst.name())
             .map_err(|e| fail("read-only check after the swap", dst.name(), e))?;
     }
-    out.phases.push(PhaseReport {
-        name: "swap",
-        secs: secs(t),
-        rows: None,
-        bytes: None,
-    });
+    out.phase("swap", t, None, None);
     Ok(out)
 }
 
