@@ -233,10 +233,39 @@ impl Cycle {
         Ok(())
     }
 
-    fn file_pass(&self, phase: &str, opts: &CycleOptions) -> Result<(), CycleError> {
+    /// Agent connections to the primary and each standby, opened ahead so
+    /// that the SSH handshakes are not part of the outage.
+    fn open_conns(&self, phase: &str) -> Result<Vec<(Conn, Conn)>, CycleError> {
+        let primary = &self.nodes[self.primary];
+        let mut out = Vec::new();
+        for &s in &self.standbys {
+            let standby = &self.nodes[s];
+            let (src, dst) = std::thread::scope(|sc| {
+                let src = sc.spawn(|| Conn::open(primary));
+                let dst = Conn::open(standby);
+                (src.join().expect("connect thread panicked"), dst)
+            });
+            let pair = src
+                .and_then(|src| dst.map(|dst| (src, dst)))
+                .map_err(|e| err(phase, format!("{} -> {}: {e}", primary.name, standby.name)))?;
+            out.push(pair);
+        }
+        Ok(out)
+    }
+
+    fn file_pass(
+        &self,
+        phase: &str,
+        opts: &CycleOptions,
+        conns: Option<Vec<(Conn, Conn)>>,
+    ) -> Result<(), CycleError> {
         self.begin(phase)?;
         let primary = &self.nodes[self.primary];
-        for &s in &self.standbys {
+        let conns = match conns {
+            Some(c) => c,
+            None => self.open_conns(phase)?,
+        };
+        for (&s, (src, dst)) in self.standbys.iter().zip(conns) {
             let standby = &self.nodes[s];
             let sync_opts = SyncOptions {
                 src_root: primary.root.clone(),
@@ -249,14 +278,7 @@ impl Cycle {
             };
             let progress = self.ui.files_progress(&standby.name);
             let t0 = Instant::now();
-            let (src, dst) = std::thread::scope(|sc| {
-                let src = sc.spawn(|| Conn::open(primary));
-                let dst = Conn::open(standby);
-                (src.join().expect("connect thread panicked"), dst)
-            });
-            let outcome = src
-                .and_then(|src| dst.map(|dst| (src, dst)))
-                .and_then(|(src, dst)| sync::run(src, dst, &sync_opts, &*progress))
+            let outcome = sync::run(src, dst, &sync_opts, &*progress)
                 .map_err(|e| err(phase, format!("{} -> {}: {e}", primary.name, standby.name)))?;
             let t = outcome.summary.totals;
             let pass = FilePass {
@@ -392,14 +414,17 @@ impl Cycle {
     fn body(&self, opts: &CycleOptions) -> Result<(), CycleError> {
         self.preflight()?;
         self.lock()?;
-        self.file_pass("warm file pass", opts)?;
+        self.file_pass("warm file pass", opts, None)?;
+        // Connected before the services stop: the handshakes stay out of
+        // the outage.
+        let conns = self.open_conns("final file pass")?;
         self.begin("quiesce")?;
         for &s in &self.standbys {
             self.stop(s)?;
         }
         self.stop(self.primary)?;
         self.end();
-        self.file_pass("final file pass", opts)?;
+        self.file_pass("final file pass", opts, Some(conns))?;
         self.database()?;
         self.begin("restart")?;
         self.start(self.primary)?;

@@ -376,35 +376,56 @@ fn stream(
     load: &str,
     format: Format,
     progress: &dyn DbProgress,
-    mut on_tables: Option<&SnapshotHook<'_>>,
+    on_tables: Option<&SnapshotHook<'_>>,
 ) -> Result<RowCounter, StepError> {
-    let mut loader = dst
-        .spawn_bulk(load)
-        .map_err(|e| fail("load", dst.name(), e))?;
-    let mut dumper = match src.spawn_bulk(dump) {
-        Ok(d) => d,
+    // The dump starts first: with an early restart waiting for its snapshot,
+    // its first table is read (and the primary started) while the loader's
+    // connection is still being made.
+    let mut dumper = src
+        .spawn_bulk(dump)
+        .map_err(|e| fail("dump", src.name(), e))?;
+    let mut counter = RowCounter::new(format);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut prefix = Vec::new();
+    let mut read_error = None;
+    if on_tables.is_some() {
+        while !counter.tables_started() && prefix.len() < 8 << 20 {
+            match dumper.stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    counter.feed(&buf[..n]);
+                    prefix.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        // The first table is there (or the dump ended without one, or
+        // failed: then the primary is started all the same).
+        if let Some(hook) = on_tables {
+            hook();
+        }
+    }
+    let mut loader = match dst.spawn_bulk(load) {
+        Ok(l) => l,
         Err(e) => {
-            loader.kill();
-            let _ = loader.wait();
-            return Err(fail("dump", src.name(), e));
+            dumper.kill();
+            let _ = dumper.wait();
+            return Err(fail("load", dst.name(), e));
         }
     };
-    let mut counter = RowCounter::new(format);
     let mut stdin = loader.take_stdin().expect("loader stdin");
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut write_error = None;
-    let mut read_error = None;
-    loop {
+    let mut write_error = stdin.write_all(&prefix).err();
+    progress.streamed(counter.bytes());
+    while write_error.is_none() && read_error.is_none() {
         match dumper.stdout.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 counter.feed(&buf[..n]);
                 progress.streamed(counter.bytes());
-                if counter.tables_started() {
-                    if let Some(hook) = on_tables.take() {
-                        hook();
-                    }
-                }
                 if let Err(e) = stdin.write_all(&buf[..n]) {
                     write_error = Some(e);
                     break;
@@ -416,10 +437,6 @@ fn stream(
                 break;
             }
         }
-    }
-    if let Some(hook) = on_tables.take() {
-        // A dump without tables: it has ended, so the snapshot is moot.
-        hook();
     }
     let stream_broke = write_error.is_some() || read_error.is_some();
     if stream_broke {
