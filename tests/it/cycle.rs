@@ -310,24 +310,29 @@ fn a_dry_run_cycle_changes_nothing() {
     drop_dbs(Engine::Mysql, 0, db);
 }
 
-/// PostgreSQL with `early_restart`: the primary starts as soon as the
-/// snapshot is exported, before the copy; the success hook gets the outcome
-/// in its environment and as JSON on stdin.
+/// `early_restart`: the primary starts as soon as the dump's snapshot is
+/// taken (PostgreSQL: exported; MySQL: mysqldump's first table), before the
+/// copy; the success hook gets the outcome in its environment and as JSON on
+/// stdin.
 #[test]
 fn early_restart_on_postgres_and_the_success_hook() {
-    let db = "okmdb_cycle_early";
-    let mut s = Setup::exclusive("cycle-early");
-    s.engine = Some("postgres");
+    early_restart_and_the_success_hook(Engine::Postgres);
+}
+
+#[test]
+fn early_restart_on_mysql() {
+    early_restart_and_the_success_hook(Engine::Mysql);
+}
+
+fn early_restart_and_the_success_hook(e: Engine) {
+    let db = &format!("okmdb_cycle_early_{}", e.name());
+    let mut s = Setup::exclusive(&format!("cycle-early-{}", e.name()));
+    s.engine = Some(e.name());
     s.db_name = db.to_string();
-    fresh_db(Engine::Postgres, 0, db);
-    drop_dbs(Engine::Postgres, 1, db);
-    as_okm(
-        Engine::Postgres,
-        0,
-        db,
-        crate::db::small_schema(Engine::Postgres),
-    );
-    crate::db::big_table(Engine::Postgres, 0, db, 200_000);
+    fresh_db(e, 0, db);
+    drop_dbs(e, 1, db);
+    as_okm(e, 0, db, crate::db::small_schema(e));
+    crate::db::big_table(e, 0, db, 200_000);
     crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
     let cfg = s.write();
     let hook_out = s.dir.join("hook.out");
@@ -361,10 +366,7 @@ fn early_restart_on_postgres_and_the_success_hook() {
     assert!(out.contains("HASYNC_OUTCOME=ok"), "{out}");
     assert!(out.contains("HASYNC_PRIMARY=okm1"), "{out}");
     assert!(out.contains("\"outcome\":\"ok\""), "{out}");
-    assert_eq!(
-        admin(Engine::Postgres, 1, db, "SELECT count(*) FROM big").trim(),
-        "200000"
-    );
-    drop_dbs(Engine::Postgres, 0, db);
-    drop_dbs(Engine::Postgres, 1, db);
+    assert_eq!(admin(e, 1, db, "SELECT count(*) FROM big").trim(), "200000");
+    drop_dbs(e, 0, db);
+    drop_dbs(e, 1, db);
 }

@@ -22,7 +22,7 @@ pub enum Engine {
 }
 
 impl Engine {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Engine::Mysql => "mysql",
             Engine::Postgres => "postgres",
