@@ -17,7 +17,9 @@
 //! overlaps the run. okm2's service is the harness's ordinary fake app.
 //!
 //! The writer writes for `HASYNC_BENCH_CYCLE_WARMUP` seconds (default 30,
-//! about 1,500 files and rows). Then, once each:
+//! about 1,500 files and rows); halfway through, the script's standby is
+//! seeded with an rsync of the tree as it is then (the steady state of a
+//! nightly job: only what changed since is copied). Then, once each:
 //!
 //! * **script**: the old cron script, run on the primary: stop the standby's
 //!   app (over ssh), stop the writer, `rsync -a --delete --exclude /logs/`
@@ -490,7 +492,25 @@ fn bench_cycle() {
         !writer.writes().is_empty()
     });
     eprintln!("bench_cycle: the writer writes; warm-up {warmup} s");
-    std::thread::sleep(Duration::from_secs(warmup));
+    // Steady state, as from a nightly cron: halfway through, the script's
+    // standby gets what the primary has then ("yesterday's" copy), so its
+    // rsync copies only what was written since, not the whole tree.
+    std::thread::sleep(Duration::from_secs(warmup / 2));
+    let seed = Command::new("rsync")
+        .args([
+            "-a",
+            "--delete",
+            "--exclude",
+            "/logs/",
+            "-e",
+            &c.rsync_rsh("okm2"),
+        ])
+        .arg(format!("{}/", s.roots[0].display()))
+        .arg(format!("root@{}:{}/", c.nodes[1].ip, script_root.display()))
+        .status()
+        .expect("rsync");
+    assert!(seed.success(), "seeding the script's standby");
+    std::thread::sleep(Duration::from_secs(warmup - warmup / 2));
     let warm = writer.writes();
     let mut intervals: Vec<u64> = warm.windows(2).map(|w| w[1].1 - w[0].1).collect();
     intervals.sort_unstable();
