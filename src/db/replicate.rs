@@ -369,11 +369,14 @@ fn open_both<'a>(primary: &'a Node, mirror: &'a Node) -> Result<(End<'a>, End<'a
 }
 
 /// Stream the dump from `src` into the loader on `dst`, counting rows.
+/// `load` is asked for the loader's command only once the dump runs (and,
+/// with `on_tables`, once its snapshot is taken and the hook ran), so that
+/// preparing the load stays out of an early restart's outage.
 fn stream(
     src: &End,
     dump: &str,
     dst: &End,
-    load: &str,
+    load: &mut dyn FnMut() -> Result<String, StepError>,
     format: Format,
     progress: &dyn DbProgress,
     on_tables: Option<&SnapshotHook<'_>>,
@@ -409,12 +412,16 @@ fn stream(
             hook();
         }
     }
-    let mut loader = match dst.spawn_bulk(load) {
+    let spawned = load().and_then(|cmd| {
+        dst.spawn_bulk(&cmd)
+            .map_err(|e| fail("load", dst.name(), e))
+    });
+    let mut loader = match spawned {
         Ok(l) => l,
         Err(e) => {
             dumper.kill();
             let _ = dumper.wait();
-            return Err(fail("load", dst.name(), e));
+            return Err(e);
         }
     };
     let mut stdin = loader.take_stdin().expect("loader stdin");
@@ -631,8 +638,6 @@ fn replicate_mysql(
     let charset =
         mysql::charset(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
     drop(pc);
-    mysql::create_staging(&mut mc, &staging, &charset)
-        .map_err(|e| fail("staging", dst.name(), e))?;
 
     let staged = (|| {
         let t = Instant::now();
@@ -644,21 +649,33 @@ fn replicate_mysql(
                 "dump.cnf",
                 &mysql::defaults_file(src.db, src.password.as_deref()),
             )?;
-            let mf = Secret::write(
-                &*dst.t,
-                dst.node,
-                "load.cnf",
-                &mysql::defaults_file(dst.db, dst.password.as_deref()),
-            )?;
-            stream(
+            // Staging and the loader's credentials are prepared once the
+            // dump runs (after an early restart of the primary).
+            let mut mf = None;
+            let mut prepare_load = || {
+                mysql::create_staging(&mut mc, &staging, &charset)
+                    .map_err(|e| fail("staging", dst.name(), e))?;
+                let secret = Secret::write(
+                    &*dst.t,
+                    dst.node,
+                    "load.cnf",
+                    &mysql::defaults_file(dst.db, dst.password.as_deref()),
+                )?;
+                let cmd = mysql::load_command(&secret.path, &staging);
+                mf = Some(secret);
+                Ok(cmd)
+            };
+            let counter = stream(
                 src,
                 &mysql::dump_command(src.db, &pf.path),
                 dst,
-                &mysql::load_command(&mf.path, &staging),
+                &mut prepare_load,
                 Format::Mysql,
                 progress,
                 on_snapshot,
-            )?
+            );
+            drop(mf);
+            counter?
         };
         out.bytes = counter.bytes();
         out.phase(
@@ -791,11 +808,12 @@ fn replicate_pg_staged(
                 )?),
                 None => None,
             };
+            let load = pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging);
             stream(
                 src,
                 &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), snapshot),
                 dst,
-                &pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging),
+                &mut || Ok(load.clone()),
                 Format::Postgres,
                 progress,
                 None,
