@@ -188,6 +188,15 @@ pub fn acquire(nodes: &[(&Node, &dyn Transport)], me: &Holder) -> Result<CycleLo
                 std::thread::sleep(Duration::from_millis(300));
                 taken = try_one(*t, node, me)?;
             }
+            if taken.is_none() && host == me.host && pid == me.pid.to_string() {
+                return Err(LockError::Failed {
+                    node: node.name.clone(),
+                    detail: format!(
+                        "this cycle already holds {}/cycle.lock for another node: two nodes share this state_dir; give each node a state_dir of its own",
+                        node.state_dir
+                    ),
+                });
+            }
             if taken.is_none() {
                 return Err(LockError::Held {
                     node: node.name.clone(),

@@ -183,11 +183,20 @@ pub fn read(t: &dyn Transport, node: &Node) -> Result<Option<StateRecord>, State
         )
         .map_err(|e| err(e.to_string()))?;
     match out.status {
-        0 => serde_json::from_slice(&out.stdout).map(Some).map_err(|e| {
-            err(format!(
-                "unreadable ({e}); move it aside to start from the config again"
-            ))
-        }),
+        0 => {
+            let rec: StateRecord = serde_json::from_slice(&out.stdout).map_err(|e| {
+                err(format!(
+                    "unreadable ({e}); move it aside to start from the config again"
+                ))
+            })?;
+            if rec.node != node.name {
+                return Err(err(format!(
+                    "it is the record of node {}: two nodes share this state_dir; give each node a state_dir of its own",
+                    rec.node
+                )));
+            }
+            Ok(Some(rec))
+        }
         3 => Ok(None),
         s => Err(err(format!("exit {s}: {}", out.stderr_tail()))),
     }

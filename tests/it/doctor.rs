@@ -28,6 +28,8 @@ fn demo() {
             (node.clone(), "identity_file", quoted(&c.identity_file)),
             (node.clone(), "known_hosts", quoted(&c.known_hosts)),
             (node.clone(), "root", quoted(&s.roots[i])),
+            // Both "nodes" are this machine: each needs a state_dir of its own.
+            (node.clone(), "state_dir", quoted(&s.state_dirs[i])),
             (
                 node.clone(),
                 "agent_path",
@@ -161,6 +163,30 @@ fn demo() {
         "SELECT CFG_VALUE FROM OKM_CONFIG WHERE CFG_KEY = 'system.readonly'",
     );
     assert_eq!(flag.trim(), "true", "the mirror is read-only");
+
+    // And the whole cycle, with both applications running: stop, copy,
+    // start again, record; then the nodes' status.
+    let _apps = crate::cycle::AppsStopped;
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    crate::sync::write(
+        primary,
+        "repository/docs/new.txt",
+        b"written after the first copy",
+    );
+    for args in [&["sync", "--dry-run"][..], &["sync"], &["status"]] {
+        let r = hasync().config(&path).args(args).run();
+        println!(
+            "$ hasync -c {} {}\n{}{}",
+            path.display(),
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        r.code(0);
+    }
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    assert!(crate::sync::snapshot(&s.roots[1]).contains_key("repository/docs/new.txt"));
     drop_dbs(Engine::Mysql, 0, "okmdb_demo");
     drop_dbs(Engine::Mysql, 1, "okmdb_demo");
 }
