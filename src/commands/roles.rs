@@ -404,7 +404,13 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             t.error.as_deref().unwrap_or("?")
         );
     }
-    let trec = t.record.clone().expect("reachable nodes have a record");
+    let Some(trec) = t.record.clone() else {
+        bail!(
+            "cannot promote {}: its state could not be read ({})",
+            t.node,
+            t.error.as_deref().unwrap_or("?")
+        );
+    };
     let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != target).collect();
     // Refusals (--force overrides).
     let mut refusals = Vec::new();
