@@ -63,7 +63,15 @@ pub enum Command {
     /// Prints a checklist per node and exits 4 if anything a replication cycle
     /// needs is missing, with what to do about it.
     Doctor,
-    /// Replicate the primary to its standbys (for now: --files-only or --db-only).
+    /// Replicate the primary to its standbys: the whole cycle, or one part of it.
+    ///
+    /// Without --files-only or --db-only, one cycle: preflight, lock, a warm
+    /// file pass while the services run, stop the standbys' services then the
+    /// primary's, a final file pass, the database, start the primary (health)
+    /// then the standbys, record the outcome in each node's state record, run
+    /// the on_success / on_failure hook. Whatever it stopped it starts again,
+    /// on errors and on SIGINT / SIGTERM (a second signal aborts at once). The
+    /// direction comes from the nodes' state records (roles and epochs).
     ///
     /// --files-only makes each standby's root equal to the primary's, minus
     /// [files] exclude patterns, with rsync-style delta transfers. Files are
