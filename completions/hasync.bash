@@ -229,12 +229,20 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__health__subcmd__server)
-            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            opts="-c -v -q -h --listen --node --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

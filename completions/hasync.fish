@@ -39,7 +39,7 @@ complete -c hasync -n "__fish_hasync_needs_command" -f -a "check" -d 'A Nagios /
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "promote" -d 'Make a standby the primary (failover), and fence the old primary'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "switchover" -d 'Planned, lossless role swap (not built yet)'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary (not built yet)'
-complete -c hasync -n "__fish_hasync_needs_command" -f -a "health-server" -d 'HTTP endpoint /primary, /standby, /health for load balancers (not built yet)'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "health-server" -d 'Serve /primary, /standby and /health over HTTP for a load balancer'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "schedule" -d 'Run cycles on the [schedule] cron line, in the foreground (for systemd)'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "completions" -d 'Print a shell completion script on stdout'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "man" -d 'Write the man pages into a directory'
@@ -105,12 +105,14 @@ complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s q -l quiet -d '
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -l no-progress -d 'No progress bars, even on a terminal'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l listen -d 'Address and port to listen on' -r
+complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l node -d 'The node this runs on (default: the one with address = "local")' -r
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s c -l config -d 'The configuration file' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s v -l verbose -d 'More detail on stderr (repeat for more)'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l no-progress -d 'No progress bars, even on a terminal'
-complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hasync -n "__fish_hasync_using_subcommand schedule" -l next -d 'Print the next N run times and exit' -r
 complete -c hasync -n "__fish_hasync_using_subcommand schedule" -s c -l config -d 'The configuration file' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand schedule" -s v -l verbose -d 'More detail on stderr (repeat for more)'
@@ -147,7 +149,7 @@ complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "promote" -d 'Make a standby the primary (failover), and fence the old primary'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "switchover" -d 'Planned, lossless role swap (not built yet)'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary (not built yet)'
-complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "health-server" -d 'HTTP endpoint /primary, /standby, /health for load balancers (not built yet)'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "health-server" -d 'Serve /primary, /standby and /health over HTTP for a load balancer'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "schedule" -d 'Run cycles on the [schedule] cron line, in the foreground (for systemd)'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "completions" -d 'Print a shell completion script on stdout'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "man" -d 'Write the man pages into a directory'

@@ -116,8 +116,15 @@ pub enum Command {
     Switchover(NotBuiltArgs),
     /// Turn a fenced old primary into a standby of the current primary (not built yet).
     Rejoin(NotBuiltArgs),
-    /// HTTP endpoint /primary, /standby, /health for load balancers (not built yet).
-    HealthServer(NotBuiltArgs),
+    /// Serve /primary, /standby and /health over HTTP for a load balancer.
+    ///
+    /// Runs on a node (in the foreground, for systemd) and answers from that
+    /// node's own state record: /primary 200 only while the node is the
+    /// primary (503 otherwise), /standby 200 only on a standby, /health 200
+    /// with the role, epoch and last cycle as JSON while the record is
+    /// readable. HAProxy: templates/haproxy-hasync.cfg routes only to the
+    /// primary (`option httpchk GET /primary`).
+    HealthServer(HealthArgs),
     /// Run cycles on the [schedule] cron line, in the foreground (for systemd).
     ///
     /// Fires `hasync sync` cycles at the times of the crontab(5) line in
@@ -170,6 +177,16 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Address and port to listen on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+    /// The node this runs on (default: the one with address = "local").
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+}
 
 /// Arguments of a command that is not built yet: accepted, then refused
 /// with a plain message.

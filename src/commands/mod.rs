@@ -5,6 +5,7 @@ mod agent;
 mod cycle;
 mod docs;
 mod doctor;
+mod health;
 mod init;
 mod roles;
 mod schedule;
@@ -34,9 +35,7 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
         Command::Rejoin(_) => anyhow::bail!(
             "`hasync rejoin` is not built yet: a fenced node stays out of every cycle until it is, so nothing can overwrite it or be overwritten by it"
         ),
-        Command::HealthServer(_) => anyhow::bail!(
-            "`hasync health-server` is not built yet; `hasync check` gives the same facts for a monitoring system"
-        ),
+        Command::HealthServer(args) => health::run(cli, args, log),
         Command::Agent(args) => agent::run(args),
     }
 }

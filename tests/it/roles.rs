@@ -120,3 +120,84 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     crate::db::drop_dbs(Engine::Mysql, 0, db);
     crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
+
+/// GET `path` from a health server; the status code.
+fn http(port: u16, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The health endpoint of each node answers from its own record and flips
+/// with the role: /primary 200 only on the primary, before and after a
+/// promote; /standby the other way round; /health 200 with JSON.
+#[test]
+fn the_health_endpoint_flips_with_the_role() {
+    let mut s = crate::setup::Setup::exclusive("roles-health");
+    s.engine = None;
+    let cfg = s.write();
+    let c = cluster();
+    let _apps = AppsStopped;
+    let ports = [
+        crate::harness::free_port("127.0.0.1"),
+        crate::harness::free_port("127.0.0.1"),
+    ];
+    let servers: Vec<_> = ["okm1", "okm2"]
+        .iter()
+        .zip(ports)
+        .map(|(n, p)| {
+            hasync()
+                .config(&cfg)
+                .args([
+                    "health-server",
+                    "--listen",
+                    &format!("127.0.0.1:{p}"),
+                    "--node",
+                    n,
+                ])
+                .spawn()
+        })
+        .collect();
+    crate::db::wait_until(
+        "the health servers",
+        std::time::Duration::from_secs(10),
+        || {
+            ports
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        },
+    );
+    assert_eq!(
+        (http(ports[0], "/primary"), http(ports[1], "/primary")),
+        (200, 503)
+    );
+    assert_eq!(
+        (http(ports[0], "/standby"), http(ports[1], "/standby")),
+        (503, 200)
+    );
+    assert_eq!(http(ports[1], "/health"), 200);
+    assert_eq!(http(ports[1], "/nothing"), 404);
+
+    c.nodes[0].app.start();
+    hasync()
+        .config(&cfg)
+        .args(["promote", "okm2", "--force"])
+        .run()
+        .code(0);
+    assert_eq!(
+        (http(ports[0], "/primary"), http(ports[1], "/primary")),
+        (503, 200)
+    );
+    assert_eq!(
+        http(ports[0], "/standby"),
+        503,
+        "a fenced node is no standby either"
+    );
+    for mut srv in servers {
+        let _ = srv.child.kill();
+        let _ = srv.child.wait();
+    }
+}
