@@ -240,13 +240,7 @@ impl Cycle {
         let mut out = Vec::new();
         for &s in &self.standbys {
             let standby = &self.nodes[s];
-            let (src, dst) = std::thread::scope(|sc| {
-                let src = sc.spawn(|| Conn::open(primary));
-                let dst = Conn::open(standby);
-                (src.join().expect("connect thread panicked"), dst)
-            });
-            let pair = src
-                .and_then(|src| dst.map(|dst| (src, dst)))
+            let pair = Conn::open_pair(primary, standby)
                 .map_err(|e| err(phase, format!("{} -> {}: {e}", primary.name, standby.name)))?;
             out.push(pair);
         }

@@ -41,14 +41,7 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             cli.global.quiet > 0,
         );
         let started = std::time::Instant::now();
-        // Both agents start at once: each costs an SSH handshake.
-        let (src, dst) = std::thread::scope(|sc| {
-            let src = sc.spawn(|| Conn::open(primary));
-            let dst = Conn::open(standby);
-            (src.join().expect("connect thread panicked"), dst)
-        });
-        let outcome = src
-            .and_then(|src| dst.map(|dst| (src, dst)))
+        let outcome = Conn::open_pair(primary, standby)
             .and_then(|(src, dst)| sync::run(src, dst, &opts, &reporter));
         reporter.finish();
         let outcome = outcome

@@ -47,6 +47,20 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Agents on both nodes, started at once: each may cost an SSH
+    /// handshake.
+    pub fn open_pair(
+        primary: &crate::config::Node,
+        standby: &crate::config::Node,
+    ) -> Result<(Conn, Conn), SyncError> {
+        let (src, dst) = std::thread::scope(|sc| {
+            let src = sc.spawn(|| Conn::open(primary));
+            let dst = Conn::open(standby);
+            (src.join().expect("connect thread panicked"), dst)
+        });
+        Ok((src?, dst?))
+    }
+
     /// The agent engine in a thread of this process, for the local node.
     pub fn local(node: &str) -> std::io::Result<Conn> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
