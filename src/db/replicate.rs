@@ -902,28 +902,14 @@ fn replicate_pg_staged(
 /// `readonly_sql`: `None` when there are none or the database cannot be
 /// reached.
 pub fn read_only_flag(t: &dyn Transport, node: &Node) -> Option<bool> {
-    let db = node.database.as_ref()?;
-    let checks = queries(&db.readonly_sql);
+    let checks = queries(&node.database.as_ref()?.readonly_sql);
     if checks.is_empty() {
         return None;
     }
-    let password = db.password().ok()?;
-    let tunnel = t.tunnel(&db.host, db.port).ok()?;
-    let outcome = match db.engine {
-        Engine::Mysql => {
-            let mut c =
-                super::mysql_connect(db, password.as_deref(), tunnel.local_addr, None).ok()?;
-            mysql::run_checked(&mut c, &db.name, &checks, &node.name)
-        }
-        Engine::Postgres => {
-            let mut c =
-                super::pg_connect(db, password.as_deref(), tunnel.local_addr, &db.name).ok()?;
-            pg::run_checked(&mut c, &checks, &node.name)
-        }
-    };
-    match outcome {
+    match run_on_live(t, node, &checks) {
         Ok(_) => Some(true),
-        Err(DbError::Query { detail, .. }) if detail.contains("not true") => Some(false),
+        // check_statement's words for a check that is not true.
+        Err(e) if e.detail.contains("not true") => Some(false),
         Err(_) => None,
     }
 }
