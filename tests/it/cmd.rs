@@ -64,12 +64,7 @@ impl Hasync {
 
     pub fn run(mut self) -> Run {
         let out = self.cmd.output().expect("cannot run the hasync binary");
-        Run {
-            line: self.line,
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::new(self.line, out)
     }
 }
 
@@ -81,12 +76,7 @@ pub struct Running {
 impl Running {
     pub fn wait(self) -> Run {
         let out = self.child.wait_with_output().expect("waiting for hasync");
-        Run {
-            line: self.line,
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::new(self.line, out)
     }
 }
 
@@ -98,6 +88,15 @@ pub struct Run {
 }
 
 impl Run {
+    fn new(line: String, out: std::process::Output) -> Run {
+        Run {
+            line,
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     fn dump(&self) -> String {
         format!(
             "\n$ {}\nexit {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n",

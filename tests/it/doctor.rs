@@ -10,6 +10,20 @@ use crate::setup::{edit_toml, quoted, Setup};
 
 /// The newcomer's path: init writes the template, the user fills in the two
 /// nodes, doctor is all green. Run with `--nocapture` to see it (README).
+/// Run hasync with `args` on the demo's config and print the command and
+/// its output, as a reader of the demo would see them.
+fn shown(path: &std::path::Path, args: &[&str]) -> crate::cmd::Run {
+    let r = hasync().config(path).args(args).run();
+    println!(
+        "$ hasync -c {} {}\n{}{}",
+        path.display(),
+        args.join(" "),
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
 #[test]
 fn demo() {
     let c = cluster();
@@ -75,13 +89,7 @@ fn demo() {
          INSERT INTO OKM_NODE_DOCUMENT VALUES (UUID(), 'report.pdf', 25), (UUID(), 'notes.txt', 5);",
     );
 
-    let r = hasync().config(&path).args(["doctor"]).run();
-    println!(
-        "$ hasync -c {} doctor\n{}{}",
-        path.display(),
-        r.stdout,
-        r.stderr
-    );
+    let r = shown(&path, &["doctor"]);
     r.code(0).stdout_has("all checks passed");
     for needle in [
         "[ ok ] reachable",
@@ -123,15 +131,7 @@ fn demo() {
         &["sync", "--files-only", "--dry-run"][..],
         &["sync", "--files-only"],
     ] {
-        let r = hasync().config(&path).args(args).run();
-        println!(
-            "$ hasync -c {} {}\n{}{}",
-            path.display(),
-            args.join(" "),
-            r.stdout,
-            r.stderr
-        );
-        r.code(0);
+        shown(&path, args).code(0);
     }
     let standby = crate::sync::snapshot(&s.roots[1]);
     assert!(
@@ -146,15 +146,7 @@ fn demo() {
         &["sync", "--db-only", "--dry-run"][..],
         &["sync", "--db-only"],
     ] {
-        let r = hasync().config(&path).args(args).run();
-        println!(
-            "$ hasync -c {} {}\n{}{}",
-            path.display(),
-            args.join(" "),
-            r.stdout,
-            r.stderr
-        );
-        r.code(0);
+        shown(&path, args).code(0);
     }
     let flag = admin(
         Engine::Mysql,
@@ -175,15 +167,7 @@ fn demo() {
         b"written after the first copy",
     );
     for args in [&["sync", "--dry-run"][..], &["sync"], &["status"]] {
-        let r = hasync().config(&path).args(args).run();
-        println!(
-            "$ hasync -c {} {}\n{}{}",
-            path.display(),
-            args.join(" "),
-            r.stdout,
-            r.stderr
-        );
-        r.code(0);
+        shown(&path, args).code(0);
     }
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
     assert!(crate::sync::snapshot(&s.roots[1]).contains_key("repository/docs/new.txt"));
