@@ -112,8 +112,17 @@ pub enum Command {
     /// service runs (that is a switchover), or when the standby's last cycle
     /// failed or is older than --max-age.
     Promote(PromoteArgs),
-    /// Planned, lossless role swap (not built yet).
-    Switchover(NotBuiltArgs),
+    /// Planned, lossless role swap: the standby becomes the primary.
+    ///
+    /// Runs a whole cycle (warm pass, both services stopped, final file pass,
+    /// database copied, staged, verified and swapped), then swaps the roles:
+    /// readwrite_sql on the standby's database, its state record says primary
+    /// at a new epoch (the point of no return), the old primary's says standby
+    /// at that epoch and readonly_sql runs on its database; the new primary
+    /// starts first, then the old one. A failure before the swap leaves the
+    /// old primary the primary and starts it writable again. pre_promote runs
+    /// first (non-zero aborts, nothing stopped), post_promote after.
+    Switchover(SwitchoverArgs),
     /// Turn a fenced old primary into a standby of the current primary (not built yet).
     Rejoin(NotBuiltArgs),
     /// Serve /primary, /standby and /health over HTTP for a load balancer.
@@ -186,6 +195,16 @@ pub struct HealthArgs {
     /// The node this runs on (default: the one with address = "local").
     #[arg(long, value_name = "NODE")]
     pub node: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    /// Show the plan (the cycle's, then the swap) and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// The standby that becomes the primary (default: the only standby).
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
 }
 
 /// Arguments of a command that is not built yet: accepted, then refused

@@ -41,6 +41,9 @@ pub struct CycleOptions {
     pub max_delete: Option<u64>,
     /// Only this standby.
     pub to: Option<String>,
+    /// A planned switchover: after the database phase, the standby becomes
+    /// the primary (see [`Cycle::switch_roles`]).
+    pub switchover: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +98,12 @@ pub struct Cycle {
     transports: Vec<Arc<dyn Transport>>,
     primary: usize,
     standbys: Vec<usize>,
+    /// The primary's epoch (the standbys share it).
+    epoch: u64,
+    /// Set by a switchover once the standby's record says primary: from
+    /// then on the standby is the node whose service serves users (it is
+    /// started first, and its start ends the outage).
+    switched: std::sync::atomic::AtomicBool,
     ui: Arc<dyn CycleUi>,
     started_at: String,
     started: Instant,
@@ -131,6 +140,15 @@ impl Cycle {
         let resolved =
             roles::resolve_and_fence(config, &transports, &mut records, opts.to.as_deref())
                 .map_err(|e| err("roles", e))?;
+        if opts.switchover && resolved.standbys.len() != 1 {
+            return Err(err(
+                "switchover",
+                format!(
+                    "{} standbys; name the one to switch to: hasync switchover --to NODE",
+                    resolved.standbys.len()
+                ),
+            ));
+        }
         for s in &resolved.skipped {
             ui.warn(&format!("left out of this cycle: {s}"));
         }
@@ -139,13 +157,37 @@ impl Cycle {
             nodes: config.nodes.clone(),
             transports,
             primary: resolved.primary,
+            epoch: records[resolved.primary].epoch,
             standbys: resolved.standbys,
+            switched: std::sync::atomic::AtomicBool::new(false),
             ui,
             started_at: state::now(),
             started: Instant::now(),
             state: Mutex::new(Progress_::default()),
             lock: Mutex::new(None),
         }))
+    }
+
+    /// The primary's name, its standbys' names and its epoch.
+    pub fn direction(&self) -> (String, Vec<String>, u64) {
+        (
+            self.nodes[self.primary].name.clone(),
+            self.standbys
+                .iter()
+                .map(|&s| self.nodes[s].name.clone())
+                .collect(),
+            self.epoch,
+        )
+    }
+
+    /// The node whose service users reach: the primary, or after a
+    /// switchover's swap the old standby.
+    fn serving(&self) -> usize {
+        if self.switched.load(std::sync::atomic::Ordering::SeqCst) {
+            self.standbys[0]
+        } else {
+            self.primary
+        }
     }
 
     /// The primary, then the standbys of this cycle.
@@ -327,7 +369,7 @@ impl Cycle {
         let r = service::start(self.t(i), &self.nodes[i]);
         if r.is_ok() {
             st.stopped.remove(pos);
-            if i == self.primary {
+            if i == self.serving() {
                 st.outage = st.outage_start.map(|t| t.elapsed().as_secs_f64());
             }
         }
@@ -387,6 +429,96 @@ impl Cycle {
         Ok(())
     }
 
+    /// A switchover's swap, with both services stopped and the standby an
+    /// exact copy: the standby's database made writable (`readwrite_sql`),
+    /// then its record says primary at a new epoch — the point of no
+    /// return; a failure before it leaves the old primary the primary, and
+    /// `finish` starts it writable as after any failed cycle. Then the old
+    /// primary's record says standby at that epoch and its database gets
+    /// `readonly_sql`; the new primary starts first, then the old one.
+    fn switch_roles(&self) -> Result<(), CycleError> {
+        use crate::state::NodeRole;
+        const STEP: &str = "switchover";
+        self.begin(STEP)?;
+        let (old, new) = (self.primary, self.standbys[0]);
+        let (on, nn) = (&self.nodes[old], &self.nodes[new]);
+        let epoch = self.epoch + 1;
+        let set_role = |i: usize, role: NodeRole, reason: &str| {
+            let n = &self.nodes[i];
+            state::read_or_initial(self.t(i), n).and_then(|mut r| {
+                r.change_role(role, epoch, reason);
+                state::write(self.t(i), n, &r)
+            })
+        };
+        let back_to_read_only = || {
+            if let Some(db) = &nn.database {
+                if let Err(e) = dbrep::run_on_live(self.t(new), nn, &db.readonly_sql) {
+                    self.warn(&format!(
+                        "{}: readonly_sql after the rollback: {e}; its database may be writable",
+                        nn.name
+                    ));
+                }
+            }
+        };
+        if let Some(db) = &nn.database {
+            if let Err(e) = dbrep::run_on_live(self.t(new), nn, &db.readwrite_sql) {
+                back_to_read_only();
+                return Err(err(
+                    STEP,
+                    format!(
+                        "{}: readwrite_sql: {e}; nothing was swapped: {} stays the primary",
+                        nn.name, on.name
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = set_role(
+            new,
+            NodeRole::Primary,
+            &format!("switchover from {}", on.name),
+        ) {
+            back_to_read_only();
+            return Err(err(
+                STEP,
+                format!("{e}; nothing was swapped: {} stays the primary", on.name),
+            ));
+        }
+        self.switched
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ui.info(&format!(
+            "{}: primary at epoch {epoch} (switchover)",
+            nn.name
+        ));
+        if let Err(e) = set_role(
+            old,
+            NodeRole::Standby,
+            &format!("switchover to {}", nn.name),
+        ) {
+            // Still a primary of the old epoch in its record: every later
+            // run sees a stale primary and fences it, never copies from it.
+            self.warn(&format!(
+                "{}: {e}; it still says primary at epoch {}: the next cycle will fence it; `hasync rejoin {}` then makes it a standby",
+                on.name, self.epoch, on.name
+            ));
+        }
+        if let Some(db) = &on.database {
+            if let Err(e) = dbrep::run_on_live(self.t(old), on, &db.readonly_sql) {
+                // Started, it would take writes no cycle copies: left down.
+                self.st().stopped.retain(|&i| i != old);
+                self.warn(&format!(
+                    "{}: readonly_sql: {e}; its service was left STOPPED so that it takes no writes; make its database read-only, then start it",
+                    on.name
+                ));
+            }
+        }
+        self.end();
+        self.begin("restart")?;
+        self.start(new)?;
+        self.start(old)?;
+        self.end();
+        Ok(())
+    }
+
     fn warn(&self, msg: &str) {
         self.ui.warn(msg);
         self.st().warnings.push(msg.to_string());
@@ -420,6 +552,9 @@ impl Cycle {
         self.end();
         self.file_pass("final file pass", opts, Some(conns))?;
         self.database()?;
+        if opts.switchover {
+            return self.switch_roles();
+        }
         self.begin("restart")?;
         self.start(self.primary)?;
         for &s in &self.standbys {
@@ -482,7 +617,7 @@ impl Cycle {
         // Restart: primary first.
         let mut still_down = Vec::new();
         let mut order: Vec<usize> = self.st().stopped.clone();
-        order.sort_by_key(|&i| i != self.primary);
+        order.sort_by_key(|&i| i != self.serving());
         for i in order {
             // `start` needs `finished` unset only for `begin`; it checks `stopped`.
             if let Err(e) = self.start(i) {

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use hasync::cycle::{self, Cycle, CycleOptions, CycleUi};
 use hasync::db::replicate::DbProgress;
 use hasync::sync::Progress;
 
-use crate::cli::{Cli, SyncArgs};
+use crate::cli::{Cli, SwitchoverArgs, SyncArgs};
 use crate::exit::Exit;
 use crate::output::{self, Log};
 use crate::progress::{DbReporter, Reporter};
@@ -37,38 +37,91 @@ impl CycleUi for Ui {
 pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
     let config = super::load_config(cli, log)?;
     if args.dry_run {
-        return dry_run(cli, args, log, &config);
+        return dry_run(cli, args, log, &config, false);
     }
-    hasync::signals::install();
     let opts = CycleOptions {
         checksum: args.checksum,
         max_delete: args.max_delete,
         to: args.to.clone(),
+        switchover: false,
     };
+    run_cycle(cli, log, &config, &opts)
+}
+
+/// `hasync switchover`: a cycle that ends with the roles swapped.
+pub fn switchover(cli: &Cli, args: &SwitchoverArgs, log: &Log) -> Result<Exit> {
+    let config = super::load_config(cli, log)?;
+    if args.dry_run {
+        let sync_args = SyncArgs {
+            files_only: false,
+            db_only: false,
+            dry_run: true,
+            checksum: false,
+            max_delete: None,
+            to: args.to.clone(),
+        };
+        return dry_run(cli, &sync_args, log, &config, true);
+    }
+    let opts = CycleOptions {
+        to: args.to.clone(),
+        switchover: true,
+        ..CycleOptions::default()
+    };
+    run_cycle(cli, log, &config, &opts)
+}
+
+fn run_cycle(
+    cli: &Cli,
+    log: &Log,
+    config: &hasync::config::Config,
+    opts: &CycleOptions,
+) -> Result<Exit> {
+    hasync::signals::install();
     let ui = Arc::new(Ui {
         log: *log,
         no_progress: cli.global.no_progress,
         quiet: cli.global.quiet > 0,
     });
-    let c = Cycle::connect(&config, &opts, ui)
-        .map_err(|e| anyhow::anyhow!("{e}; nothing was stopped"))?;
-    let report = c.run(&opts);
+    let c = Cycle::connect(config, opts, ui).map_err(|e| anyhow!("{e}; nothing was stopped"))?;
+    let (primary, standbys, epoch) = c.direction();
+    let target = standbys.first().cloned().unwrap_or_default();
+    if opts.switchover {
+        super::roles::promote_hook(config, true, &target, epoch + 1, "pre")
+            .map_err(|e| anyhow!("pre_promote refused the switchover: {e}; nothing was stopped"))?;
+    }
+    let report = c.run(opts);
     if cli.global.json {
         output::stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     }
     let line = cycle::summary_line(&report);
-    match report.outcome.as_str() {
-        "ok" => {
-            log.info(&line);
-            Ok(Exit::Ok)
+    if report.outcome != "ok" {
+        if opts.switchover {
+            bail!("switchover failed: {line}");
         }
-        _ => bail!("{line}"),
+        bail!("{line}");
     }
+    log.info(&line);
+    if opts.switchover {
+        log.info(&format!(
+            "switchover done: {target} is the primary at epoch {}, {primary} its standby",
+            epoch + 1
+        ));
+        if let Err(e) = super::roles::promote_hook(config, false, &target, epoch + 1, "ok") {
+            log.warn(&format!("post_promote: {e}"));
+        }
+    }
+    Ok(Exit::Ok)
 }
 
 /// The plan of a cycle: the service commands on each node, the file plan
 /// and the database plan. Changes nothing anywhere.
-fn dry_run(cli: &Cli, args: &SyncArgs, log: &Log, config: &hasync::config::Config) -> Result<Exit> {
+fn dry_run(
+    cli: &Cli,
+    args: &SyncArgs,
+    log: &Log,
+    config: &hasync::config::Config,
+    switchover: bool,
+) -> Result<Exit> {
     let (primary, standbys) = super::sync::direction(config, args, log)?;
     let primary = &primary;
     let svc = |n: &hasync::config::Node, what: &str| match &n.service {
@@ -115,9 +168,48 @@ fn dry_run(cli: &Cli, args: &SyncArgs, log: &Log, config: &hasync::config::Confi
             }
         );
     }
-    s += &svc(primary, "start");
-    for n in &standbys {
-        s += &svc(n, "start");
+    if switchover {
+        let [new] = standbys.as_slice() else {
+            bail!(
+                "{} standbys; name the one to switch to: hasync switchover --to NODE",
+                standbys.len()
+            );
+        };
+        let sql = |n: &hasync::config::Node, readwrite: bool| -> String {
+            let Some(db) = &n.database else {
+                return String::new();
+            };
+            let (name, list) = if readwrite {
+                ("readwrite_sql", &db.readwrite_sql)
+            } else {
+                ("readonly_sql", &db.readonly_sql)
+            };
+            list.iter()
+                .map(|q| format!("  [{}] {name}: {q}\n", n.name))
+                .collect()
+        };
+        s += &sql(new, true);
+        s += &format!(
+            "  [{}] state record: primary at the next epoch (the point of no return: a failure before it starts {} again as the primary)\n  [{}] state record: standby at that epoch\n",
+            new.name, primary.name, primary.name
+        );
+        s += &sql(primary, false);
+        s += &svc(new, "start");
+        s += &svc(primary, "start");
+        if let Some(h) = &config.hooks.pre_promote {
+            s += &format!(
+                "  before all: pre_promote {} (non-zero aborts)\n",
+                h.display()
+            );
+        }
+        if let Some(h) = &config.hooks.post_promote {
+            s += &format!("  after all: post_promote {}\n", h.display());
+        }
+    } else {
+        s += &svc(primary, "start");
+        for n in &standbys {
+            s += &svc(n, "start");
+        }
     }
     s += "  record the outcome in each node's state_dir/state.json; run the on_success / on_failure hook\n\n";
     output::stdout(&s);

@@ -29,9 +29,7 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
         Command::Status(_) => roles::status(cli, log),
         Command::Check(args) => roles::check(cli, args, log),
         Command::Promote(args) => roles::promote(cli, args, log),
-        Command::Switchover(_) => anyhow::bail!(
-            "`hasync switchover` is not built yet; for a planned swap today: run `hasync sync`, stop the primary's service, then `hasync promote --force` on the standby (the old primary is fenced)"
-        ),
+        Command::Switchover(args) => cycle::switchover(cli, args, log),
         Command::Rejoin(_) => anyhow::bail!(
             "`hasync rejoin` is not built yet: a fenced node stays out of every cycle until it is, so nothing can overwrite it or be overwritten by it"
         ),

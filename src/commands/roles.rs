@@ -508,21 +508,8 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             refusals.join("; ")
         ));
     }
-    let env = |outcome: &str| {
-        vec![
-            ("HASYNC_NODE".to_string(), t.node.clone()),
-            ("HASYNC_EPOCH".to_string(), new_epoch.to_string()),
-            ("HASYNC_OUTCOME".to_string(), outcome.to_string()),
-            ("HASYNC_CLUSTER".to_string(), config.cluster_name.clone()),
-        ]
-    };
-    let json = |outcome: &str| {
-        serde_json::json!({"node": t.node, "epoch": new_epoch, "outcome": outcome}).to_string()
-    };
-    if let Some(h) = &config.hooks.pre_promote {
-        hasync::hooks::run(h, &env("pre"), &json("pre"))
-            .map_err(|e| anyhow!("pre_promote refused the promote: {e}; nothing was changed"))?;
-    }
+    promote_hook(&config, true, &t.node, new_epoch, "pre")
+        .map_err(|e| anyhow!("pre_promote refused the promote: {e}; nothing was changed"))?;
     let tt = transport::connect(&tnode.endpoint).map_err(|e| anyhow!("{e}"))?;
     // The epoch first: from now on the old primary can never sync onto it.
     let mut rec = state::read_or_initial(&*tt, tnode)?;
@@ -555,16 +542,42 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             Err(e) => log.warn(&format!("{}: could not fence it: {e}", o.name)),
         }
     }
-    if let Some(h) = &config.hooks.post_promote {
-        if let Err(e) = hasync::hooks::run(h, &env("ok"), &json("ok")) {
-            log.warn(&format!("post_promote: {e}"));
-        }
+    if let Err(e) = promote_hook(&config, false, &t.node, new_epoch, "ok") {
+        log.warn(&format!("post_promote: {e}"));
     }
     log.info(&format!(
         "{} is the primary now (epoch {new_epoch})",
         t.node
     ));
     Ok(Exit::Ok)
+}
+
+/// Run the pre_promote (`pre`) or post_promote hook, if configured, for
+/// `node` becoming the primary at `epoch` (promote and switchover).
+pub fn promote_hook(
+    config: &Config,
+    pre: bool,
+    node: &str,
+    epoch: u64,
+    outcome: &str,
+) -> Result<(), String> {
+    let hook = if pre {
+        &config.hooks.pre_promote
+    } else {
+        &config.hooks.post_promote
+    };
+    let Some(h) = hook else {
+        return Ok(());
+    };
+    let env = [
+        ("HASYNC_NODE", node.to_string()),
+        ("HASYNC_EPOCH", epoch.to_string()),
+        ("HASYNC_OUTCOME", outcome.to_string()),
+        ("HASYNC_CLUSTER", config.cluster_name.clone()),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    let json = serde_json::json!({"node": node, "epoch": epoch, "outcome": outcome});
+    hasync::hooks::run(h, &env, &json.to_string())
 }
 
 fn fence(node: &Node, epoch: u64, by: &str) -> Result<()> {

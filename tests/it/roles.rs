@@ -2,23 +2,65 @@
 //! while the primary is unreachable, and the old primary refused and fenced
 //! when it comes back.
 
+use std::path::PathBuf;
+
 use crate::cmd::hasync;
 use crate::cycle::{cycle_setup, record, AppsStopped};
-use crate::db::{admin, dump_text, Engine};
+use crate::db::{admin, as_okm, dump_text, Engine};
 use crate::harness::cluster;
+use crate::setup::Setup;
 
 const READWRITE: &str =
     "readwrite_sql = [\"UPDATE OKM_CONFIG SET CFG_VALUE = 'false' WHERE CFG_KEY = 'system.readonly'\"]\n";
 
-#[test]
-fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
-    let db = "okmdb_roles";
-    let s = cycle_setup("roles-promote", db);
+/// The cycle's setup (MariaDB, okm1 primary) with a readwrite_sql too.
+fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf) {
+    let s = cycle_setup(label, db);
     let cfg = s.write();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("readonly_sql = ", &format!("{READWRITE}readonly_sql = "));
     std::fs::write(&cfg, text).unwrap();
+    (s, cfg)
+}
+
+/// The live database's system.readonly flag on node `i`.
+fn readonly_flag(i: usize, db: &str) -> String {
+    admin(
+        Engine::Mysql,
+        i,
+        db,
+        "SELECT CFG_VALUE FROM OKM_CONFIG WHERE CFG_KEY = 'system.readonly'",
+    )
+    .trim()
+    .to_string()
+}
+
+/// (role, epoch) in node `i`'s state record.
+fn role_of(s: &Setup, i: usize) -> (String, u64) {
+    let r = record(s, i);
+    (
+        r["role"].as_str().unwrap().to_string(),
+        r["epoch"].as_u64().unwrap(),
+    )
+}
+
+/// What the application writes on node `i`: a document row and its file.
+fn app_writes(s: &Setup, i: usize, db: &str, id: u32) {
+    let path = format!("repository/doc{id}.txt");
+    crate::sync::write(&s.roots[i], &path, format!("document {id}").as_bytes());
+    as_okm(
+        Engine::Mysql,
+        i,
+        db,
+        &format!("INSERT INTO doc VALUES ({id}, '{path}');"),
+    );
+}
+
+#[test]
+fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
+    let db = "okmdb_roles";
+    let (s, cfg) = roles_setup("roles-promote", db);
     let c = cluster();
     let _apps = AppsStopped;
     c.nodes[0].app.start();
@@ -200,4 +242,109 @@ fn the_health_endpoint_flips_with_the_role() {
         let _ = srv.child.kill();
         let _ = srv.child.wait();
     }
+}
+
+/// A planned switchover there and back (okm1 -> okm2 -> okm1): each one
+/// copies what the application wrote last, swaps roles and epochs, leaves
+/// the new primary writable and running and the old one a read-only
+/// standby; the application's rows and files are all there at the end. A
+/// dry run changes nothing, and a failing swap leaves the old primary
+/// the primary, writable and running.
+#[test]
+fn switchover_there_and_back_keeps_every_document() {
+    let db = "okmdb_switch";
+    let (s, cfg) = roles_setup("roles-switchover", db);
+    let c = cluster();
+    let _apps = AppsStopped;
+    c.nodes[0].app.start();
+    c.nodes[1].app.start();
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    app_writes(&s, 0, db, 2);
+
+    let before = (
+        crate::sync::snapshot(&s.roots[1]),
+        dump_text(Engine::Mysql, 1, db),
+        record(&s, 0),
+        record(&s, 1),
+    );
+    let dry = hasync()
+        .config(&cfg)
+        .args(["switchover", "--dry-run"])
+        .run();
+    dry.code(0)
+        .stdout_has("[okm2] state record: primary at the next epoch")
+        .stdout_has("[okm2] readwrite_sql: UPDATE OKM_CONFIG")
+        .stdout_has("[okm1] readonly_sql: INSERT INTO OKM_CONFIG");
+    let after = (
+        crate::sync::snapshot(&s.roots[1]),
+        dump_text(Engine::Mysql, 1, db),
+        record(&s, 0),
+        record(&s, 1),
+    );
+    assert!(before == after, "the dry run changed something");
+
+    let run = hasync().config(&cfg).args(["switchover"]).run();
+    run.code(0)
+        .stderr_has("BEGIN switchover")
+        .stderr_has("okm2 is the primary at epoch 2, okm1 its standby");
+    assert_eq!(role_of(&s, 0), ("standby".into(), 2));
+    assert_eq!(role_of(&s, 1), ("primary".into(), 2));
+    assert_eq!(readonly_flag(1, db), "false", "the new primary is writable");
+    assert_eq!(readonly_flag(0, db), "true", "the old primary is read-only");
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+    let history = record(&s, 1)["history"].to_string();
+    assert!(history.contains("switchover from okm1"), "{history}");
+
+    // The application now writes on okm2; a normal cycle goes okm2 -> okm1.
+    app_writes(&s, 1, db, 3);
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    crate::sync::assert_same_tree(&s.roots[1], &s.roots[0]);
+
+    // A swap that fails (readwrite_sql changes no row on okm1) rolls back:
+    // okm2 stays the primary, writable and running; okm1 read-only.
+    let bad_cfg = s.dir.join("bad-readwrite.toml");
+    std::fs::write(
+        &bad_cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "WHERE CFG_KEY = 'system.readonly'\"]",
+            "WHERE CFG_KEY = 'no.such.key'\"]",
+        ),
+    )
+    .unwrap();
+    let failed = hasync().config(&bad_cfg).args(["switchover"]).run();
+    failed
+        .code(1)
+        .stderr_has("switchover failed")
+        .stderr_has("nothing was swapped: okm2 stays the primary");
+    assert_eq!(role_of(&s, 1), ("primary".into(), 2));
+    assert_eq!(role_of(&s, 0), ("standby".into(), 2));
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    assert_eq!(readonly_flag(1, db), "false", "okm2 is still writable");
+    assert_eq!(readonly_flag(0, db), "true", "okm1 is read-only again");
+
+    // And back: okm1 is the primary again, at epoch 3, with every document.
+    app_writes(&s, 1, db, 4);
+    hasync().config(&cfg).args(["switchover"]).run().code(0);
+    assert_eq!(role_of(&s, 0), ("primary".into(), 3));
+    assert_eq!(role_of(&s, 1), ("standby".into(), 3));
+    assert_eq!(readonly_flag(0, db), "false");
+    assert_eq!(readonly_flag(1, db), "true");
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+    let docs = admin(
+        Engine::Mysql,
+        0,
+        db,
+        "SELECT GROUP_CONCAT(id ORDER BY id) FROM doc",
+    );
+    assert_eq!(docs.trim(), "1,2,3,4");
+    for id in 2..=4 {
+        let p = s.roots[0].join(format!("repository/doc{id}.txt"));
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("document {id}")
+        );
+    }
+    crate::db::drop_dbs(Engine::Mysql, 0, db);
+    crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
