@@ -266,6 +266,10 @@ pub struct AgentArgs {
     /// Serve only this root (refuse a session naming another one).
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// This node's state_dir: the agent writes only if the state record
+    /// there says standby at the caller's epoch (or there is none yet).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/hasync")]
+    pub state_dir: PathBuf,
     /// Print the agent's version and protocol line and exit.
     #[arg(long = "version")]
     pub print_version: bool,

@@ -311,6 +311,7 @@ impl Cycle {
                 max_delete: opts.max_delete.unwrap_or(self.config.files.max_delete),
                 checksum: opts.checksum,
                 dry_run: false,
+                epoch: self.epoch,
             };
             let progress = self.ui.files_progress(&standby.name);
             let t0 = Instant::now();

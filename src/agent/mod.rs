@@ -128,6 +128,12 @@ impl Writing {
 struct Session<W: Write> {
     out: W,
     pinned_root: Option<PathBuf>,
+    /// Where this node's state record lives (see [`Session::may_write`]).
+    state_dir: Option<PathBuf>,
+    /// The epoch the caller's Hello claimed for its primary.
+    caller_epoch: u64,
+    /// The state record allowed writes (checked once, at the first).
+    write_allowed: bool,
     root: Option<Root>,
     superuser: bool,
     signatures: HashMap<u64, Vec<u8>>,
@@ -145,6 +151,11 @@ struct Session<W: Write> {
 /// DIR`, which hasync always passes). With an SSH key restricted to that
 /// command in `authorized_keys`, a hostile peer cannot point the agent at `/`.
 ///
+/// `state_dir`: where this node's state record is; before its first write
+/// the agent checks that the record (if there is one) says standby, at the
+/// epoch the caller's Hello names — the receiving side's own guard against
+/// a wrong-direction copy, whatever the caller believes.
+///
 /// `input` must be a descriptor `poll(2)` works on (a pipe or a socket):
 /// received files are committed in batches, and a pause in the input is
 /// what commits a batch the client is waiting for.
@@ -152,11 +163,15 @@ pub fn serve(
     input: impl Read + AsFd,
     output: impl Write,
     pinned_root: Option<&Path>,
+    state_dir: Option<&Path>,
 ) -> Result<(), AgentError> {
     let mut input = BufReader::with_capacity(CHUNK + 64, input);
     let mut s = Session {
         out: BufWriter::with_capacity(CHUNK + 64, output),
         pinned_root: pinned_root.map(Path::to_path_buf),
+        state_dir: state_dir.map(Path::to_path_buf),
+        caller_epoch: 0,
+        write_allowed: false,
         root: None,
         // SAFETY: geteuid has no preconditions.
         superuser: unsafe { libc::geteuid() } == 0,
@@ -251,14 +266,78 @@ impl<W: Write> Session<W> {
         e
     }
 
+    /// Whether this node may be written to: its state record (when it has
+    /// one) must say standby, at the caller's epoch. A primary or a fenced
+    /// old primary is never written to, nor a standby of another epoch: a
+    /// caller with stale records, an old binary or a hand-run command
+    /// cannot copy in the wrong direction.
+    fn may_write(&mut self) -> Result<(), AgentError> {
+        if self.write_allowed {
+            return Ok(());
+        }
+        if let Some(dir) = &self.state_dir {
+            let path = dir.join("state.json");
+            match std::fs::read(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(AgentError::Refused(format!(
+                        "cannot read this node's state record {}: {e}; refusing to write",
+                        path.display()
+                    )))
+                }
+                Ok(bytes) => {
+                    let rec: crate::state::StateRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| {
+                            AgentError::Refused(format!(
+                                "this node's state record {} is unreadable ({e}); refusing to write",
+                                path.display()
+                            ))
+                        })?;
+                    if rec.role != crate::state::NodeRole::Standby {
+                        return Err(AgentError::Refused(format!(
+                            "{} is {} at epoch {} in its state record ({}): hasync writes only into a standby; see `hasync status`",
+                            rec.node,
+                            rec.role,
+                            rec.epoch,
+                            path.display()
+                        )));
+                    }
+                    if rec.epoch != self.caller_epoch {
+                        return Err(AgentError::Refused(format!(
+                            "{} is a standby at epoch {}, but the caller copies from a primary at epoch {}: refusing to write; see `hasync status` (`hasync rejoin {}` makes it a standby of the current primary)",
+                            rec.node,
+                            rec.epoch,
+                            self.caller_epoch,
+                            rec.node
+                        )));
+                    }
+                }
+            }
+        }
+        self.write_allowed = true;
+        Ok(())
+    }
+
     /// Handle one message; false ends the session.
     fn handle(&mut self, msg: Msg) -> Result<bool, AgentError> {
+        if matches!(
+            msg,
+            Msg::Begin { .. }
+                | Msg::Mkdir { .. }
+                | Msg::Symlink { .. }
+                | Msg::Delete { .. }
+                | Msg::SetAttrs { .. }
+        ) {
+            self.may_write()?;
+        }
         match msg {
             Msg::Hello {
                 protocol,
                 version: client_version,
                 root,
+                epoch,
             } => {
+                self.caller_epoch = epoch;
                 if protocol != version::PROTOCOL {
                     return Err(AgentError::Refused(format!(
                         "protocol mismatch: this agent is hasync {} (protocol {}), the caller hasync {client_version} (protocol {protocol}); install the same hasync version on both nodes",

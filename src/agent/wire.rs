@@ -47,6 +47,9 @@ pub enum Msg {
         protocol: u32,
         version: String,
         root: Vec<u8>,
+        /// The epoch of the primary the caller copies from (0: none). An
+        /// agent writes only into a standby of that same epoch.
+        epoch: u64,
     },
     /// The agent's answer to Hello; `superuser` says it can set owners.
     Welcome {
@@ -321,11 +324,13 @@ impl Msg {
                 protocol,
                 version,
                 root,
+                epoch,
             } => {
                 e.u8(T_HELLO);
                 e.u32(*protocol);
                 e.str(version);
                 e.bytes(root);
+                e.u64(*epoch);
             }
             Msg::Welcome {
                 protocol,
@@ -500,6 +505,9 @@ impl Msg {
                 protocol: d.u32()?,
                 version: d.str()?,
                 root: d.bytes()?,
+                // Protocol 1 had no epoch: decoded as 0, so that the
+                // agent can answer with the protocol mismatch.
+                epoch: if d.0.is_empty() { 0 } else { d.u64()? },
             },
             T_WELCOME => Msg::Welcome {
                 protocol: d.u32()?,
@@ -725,9 +733,10 @@ mod tests {
             gid: 2,
         };
         round_trip(Msg::Hello {
-            protocol: 1,
+            protocol: 2,
             version: "0.1.0".into(),
             root: b"/srv/x".to_vec(),
+            epoch: 7,
         });
         round_trip(Msg::Welcome {
             protocol: 1,

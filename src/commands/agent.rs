@@ -20,6 +20,7 @@ pub fn run(args: &AgentArgs) -> Result<Exit> {
         std::io::stdin().lock(),
         std::io::stdout().lock(),
         args.root.as_deref(),
+        Some(&args.state_dir),
     )?;
     Ok(Exit::Ok)
 }

@@ -122,7 +122,7 @@ fn dry_run(
     config: &hasync::config::Config,
     switchover: bool,
 ) -> Result<Exit> {
-    let (primary, standbys) = super::sync::direction(config, args, log)?;
+    let (primary, standbys, _) = super::sync::direction(config, args, log)?;
     let primary = &primary;
     let svc = |n: &hasync::config::Node, what: &str| match &n.service {
         Some(s) => {

@@ -22,7 +22,7 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         return super::cycle::run(cli, args, log);
     }
     let config = super::load_config(cli, log)?;
-    let (primary, standbys) = direction(&config, args, log)?;
+    let (primary, standbys, epoch) = direction(&config, args, log)?;
     let primary = &primary;
     let mut json_out = Vec::new();
     for standby in &standbys {
@@ -34,6 +34,7 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             max_delete: args.max_delete.unwrap_or(config.files.max_delete),
             checksum: args.checksum,
             dry_run: args.dry_run,
+            epoch,
         };
         let reporter = Reporter::new(
             &standby.name,
@@ -120,7 +121,9 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
 /// `hasync::roles`): the primary and the standbys to copy to (all, or the
 /// one `--to` names). An old primary found on the way is fenced, except in
 /// a dry run, which changes nothing.
-pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, Vec<Node>)> {
+/// The primary, its standbys (limited by `--to`) and its epoch, from the
+/// nodes' state records.
+pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, Vec<Node>, u64)> {
     let (transports, mut records) = roles::connect_all(config).map_err(|e| anyhow::anyhow!(e))?;
     let resolved = if args.dry_run {
         roles::resolve(&config.nodes, &records, args.to.as_deref())
@@ -139,6 +142,7 @@ pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, V
             .iter()
             .map(|&i| config.nodes[i].clone())
             .collect(),
+        records[resolved.primary].epoch,
     ))
 }
 
@@ -151,7 +155,7 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             config.path.display()
         );
     }
-    let (primary, standbys) = direction(&config, args, log)?;
+    let (primary, standbys, _) = direction(&config, args, log)?;
     let primary = &primary;
     let mut json_out = Vec::new();
     for standby in &standbys {

@@ -61,13 +61,15 @@ impl Conn {
         Ok((src?, dst?))
     }
 
-    /// The agent engine in a thread of this process, for the local node.
-    pub fn local(node: &str) -> std::io::Result<Conn> {
+    /// The agent engine in a thread of this process, for the local node
+    /// (`state_dir`: its state record's, as for a remote agent).
+    pub fn local(node: &str, state_dir: &str) -> std::io::Result<Conn> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
         let b2 = b.try_clone()?;
+        let state_dir = std::path::PathBuf::from(state_dir);
         let handle = std::thread::Builder::new()
             .name(format!("agent-{node}"))
-            .spawn(move || crate::agent::serve(b, b2, None))?;
+            .spawn(move || crate::agent::serve(b, b2, None, Some(&state_dir)))?;
         let reader = a.try_clone()?;
         Ok(Conn {
             node: node.to_string(),
@@ -88,15 +90,16 @@ impl Conn {
     pub fn open(node: &crate::config::Node) -> Result<Conn, SyncError> {
         use crate::transport::{self, Address};
         if matches!(node.endpoint.address, Address::Local) {
-            return Conn::local(&node.name).map_err(|e| SyncError::Agent {
+            return Conn::local(&node.name, &node.state_dir).map_err(|e| SyncError::Agent {
                 node: node.name.clone(),
                 message: format!("cannot start the local agent: {e}"),
             });
         }
         let cmd = format!(
-            "{} agent --root {}",
+            "{} agent --root {} --state-dir {}",
             transport::shell_quote(&node.agent_path),
-            transport::shell_quote(&node.root)
+            transport::shell_quote(&node.root),
+            transport::shell_quote(&node.state_dir)
         );
         let openssh = transport::openssh::use_for(node);
         let agent_err = |e: transport::TransportError| SyncError::Agent {
@@ -155,6 +158,9 @@ pub struct SyncOptions {
     pub max_delete: u64,
     pub checksum: bool,
     pub dry_run: bool,
+    /// The primary's epoch, sent in Hello: the receiving agent writes only
+    /// if its own state record is a standby of that epoch.
+    pub epoch: u64,
 }
 
 /// What the engine tells whoever shows progress. Engines never print.
@@ -332,13 +338,14 @@ impl Side {
             })
     }
 
-    fn hello(&mut self, root: &str) -> Result<(), SyncError> {
+    fn hello(&mut self, root: &str, epoch: u64) -> Result<(), SyncError> {
         self.send(
             "handshake",
             &Msg::Hello {
                 protocol: crate::version::PROTOCOL,
                 version: crate::version::VERSION.into(),
                 root: root.as_bytes().to_vec(),
+                epoch,
             },
         )?;
         let mut buf = Vec::new();
@@ -397,7 +404,7 @@ pub fn run(
     // Handshakes and scans on both sides at once.
     let scan =
         |side: &mut Side, root: &str, cleanup: bool| -> Result<(Vec<Entry>, u64), SyncError> {
-            side.hello(root)?;
+            side.hello(root, opts.epoch)?;
             side.send(
                 "scan",
                 &Msg::Scan {

@@ -554,6 +554,7 @@ fn hello(root: &Path) -> Msg {
         protocol: hasync::version::PROTOCOL,
         version: hasync::version::VERSION.into(),
         root: root.as_os_str().as_bytes().to_vec(),
+        epoch: 1,
     }
 }
 
@@ -1205,6 +1206,7 @@ fn answers_quoting_peer_data_fit_in_a_frame() {
         protocol: hasync::version::PROTOCOL,
         version: String::new(),
         root,
+        epoch: 1,
     });
     let got = a.next();
     check("Hello with a long root", got, a.finish());
@@ -1306,6 +1308,7 @@ fn hello_is_checked() {
         protocol: hasync::version::PROTOCOL + 41,
         version: "9.9.9-future".into(),
         root: t.root.as_os_str().as_bytes().to_vec(),
+        epoch: 1,
     });
     let m = a.expect_fatal("wrong protocol");
     for needle in [
@@ -1330,6 +1333,7 @@ fn hello_is_checked() {
         protocol: hasync::version::PROTOCOL,
         version: String::new(),
         root: b"/a\0b".to_vec(),
+        epoch: 1,
     });
     a.expect_fatal("root with a NUL byte");
 }

@@ -349,6 +349,7 @@ fn agent_pinned_to_a_root_refuses_another() {
         protocol: hasync::version::PROTOCOL,
         version: "x".into(),
         root: b"/".to_vec(),
+        epoch: 1,
     };
     child
         .stdin

@@ -348,3 +348,84 @@ fn switchover_there_and_back_keeps_every_document() {
     crate::db::drop_dbs(Engine::Mysql, 0, db);
     crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
+
+/// The receiving agent's own guard, spoken to directly as a hand-run
+/// command or an old caller would: it writes only into a node whose state
+/// record says standby at the caller's epoch (or that has no record yet);
+/// reading from a primary is fine.
+#[test]
+fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
+    use hasync::agent::wire::{self, Attrs, Msg};
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (root, state) = (dir.path().join("root"), dir.path().join("state"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    // One session: Hello with `epoch`, then a Mkdir; the agent's answer.
+    let mkdir = |epoch: u64| -> Msg {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hasync"))
+            .arg("agent")
+            .arg("--root")
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut buf = Vec::new();
+        let hello = Msg::Hello {
+            protocol: hasync::version::PROTOCOL,
+            version: "test".into(),
+            root: root.as_os_str().as_bytes().to_vec(),
+            epoch,
+        };
+        input.write_all(&hello.encode()).unwrap();
+        let welcome = wire::recv(&mut out, &mut buf).unwrap();
+        assert!(matches!(welcome, Some(Msg::Welcome { .. })), "{welcome:?}");
+        let m = Msg::Mkdir {
+            id: 1,
+            path: b"new-dir".to_vec(),
+            attrs: Attrs {
+                mode: 0o755,
+                mtime_sec: 1_700_000_000,
+                mtime_nsec: 0,
+                uid: 0,
+                gid: 0,
+            },
+        };
+        input.write_all(&m.encode()).unwrap();
+        input.write_all(&Msg::Bye.encode()).unwrap();
+        let reply = wire::recv(&mut out, &mut buf).unwrap().unwrap();
+        drop(input);
+        let _ = child.wait();
+        reply
+    };
+    let set_record = |role: &str, epoch: u64| {
+        let rec = serde_json::json!({"node": "okm2", "role": role, "epoch": epoch});
+        std::fs::write(state.join("state.json"), rec.to_string()).unwrap();
+    };
+    let refused = |reply: Msg, needle: &str| match reply {
+        Msg::Fatal { message } => assert!(message.contains(needle), "{message}"),
+        other => panic!("expected a refusal with {needle:?}, got {other:?}"),
+    };
+    set_record("primary", 2);
+    refused(mkdir(2), "okm2 is primary at epoch 2");
+    set_record("fenced", 2);
+    refused(mkdir(2), "okm2 is fenced at epoch 2");
+    set_record("standby", 2);
+    refused(mkdir(1), "the caller copies from a primary at epoch 1");
+    refused(mkdir(0), "at epoch 0");
+    assert!(!root.join("new-dir").exists(), "nothing was written");
+    // A standby of the caller's epoch, or a node without a record yet.
+    assert!(matches!(mkdir(2), Msg::Done { id: 1, .. }));
+    std::fs::remove_dir(root.join("new-dir")).unwrap();
+    std::fs::remove_file(state.join("state.json")).unwrap();
+    assert!(matches!(mkdir(5), Msg::Done { id: 1, .. }));
+    assert!(root.join("new-dir").is_dir());
+}
