@@ -123,8 +123,15 @@ pub enum Command {
     /// old primary the primary and starts it writable again. pre_promote runs
     /// first (non-zero aborts, nothing stopped), post_promote after.
     Switchover(SwitchoverArgs),
-    /// Turn a fenced old primary into a standby of the current primary (not built yet).
-    Rejoin(NotBuiltArgs),
+    /// Turn a fenced old primary into a standby of the current primary.
+    ///
+    /// Stops the node's service and runs readonly_sql there, then sets aside
+    /// what it holds that the next cycle would replace: every file a copy from
+    /// the primary would overwrite or delete, and a dump of its live database,
+    /// into state_dir/quarantine/TIMESTAMP/ on the node (with a README listing
+    /// them). Then its state record says standby at the primary's epoch; the
+    /// next `hasync sync` makes it an exact mirror and starts it.
+    Rejoin(RejoinArgs),
     /// Serve /primary, /standby and /health over HTTP for a load balancer.
     ///
     /// Runs on a node (in the foreground, for systemd) and answers from that
@@ -207,12 +214,13 @@ pub struct SwitchoverArgs {
     pub to: Option<String>,
 }
 
-/// Arguments of a command that is not built yet: accepted, then refused
-/// with a plain message.
 #[derive(Debug, Args)]
-pub struct NotBuiltArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
+pub struct RejoinArgs {
+    /// The old primary (fenced) to make a standby.
+    pub node: String,
+    /// Show what would be quarantined and changed, and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod docs;
 mod doctor;
 mod health;
 mod init;
+mod rejoin;
 mod roles;
 mod schedule;
 pub mod sync;
@@ -30,9 +31,7 @@ pub fn run(cli: &Cli, log: &Log) -> Result<Exit> {
         Command::Check(args) => roles::check(cli, args, log),
         Command::Promote(args) => roles::promote(cli, args, log),
         Command::Switchover(args) => cycle::switchover(cli, args, log),
-        Command::Rejoin(_) => anyhow::bail!(
-            "`hasync rejoin` is not built yet: a fenced node stays out of every cycle until it is, so nothing can overwrite it or be overwritten by it"
-        ),
+        Command::Rejoin(args) => rejoin::run(cli, args, log),
         Command::HealthServer(args) => health::run(cli, args, log),
         Command::Agent(args) => agent::run(args),
     }

@@ -74,14 +74,17 @@ fn conn_args(db: &Database) -> String {
     )
 }
 
-/// The dump, run on the primary node, reading the exported snapshot.
-pub fn dump_command(db: &Database, passfile: Option<&str>, snapshot: &str) -> String {
+/// The dump, run on the primary node, reading the exported snapshot (or
+/// its own, without one).
+pub fn dump_command(db: &Database, passfile: Option<&str>, snapshot: Option<&str>) -> String {
     format!(
-        "{}exec {}pg_dump {} --format=plain --snapshot={} --dbname={}",
+        "{}exec {}pg_dump {} --format=plain {}--dbname={}",
         need("pg_dump"),
         env(passfile),
         conn_args(db),
-        shell_quote(snapshot),
+        snapshot
+            .map(|s| format!("--snapshot={} ", shell_quote(s)))
+            .unwrap_or_default(),
         shell_quote(&db.name)
     )
 }

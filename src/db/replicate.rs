@@ -811,7 +811,7 @@ fn replicate_pg_staged(
             let load = pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging);
             stream(
                 src,
-                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), snapshot),
+                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), Some(snapshot)),
                 dst,
                 &mut || Ok(load.clone()),
                 Format::Postgres,
@@ -901,6 +901,59 @@ fn replicate_pg_staged(
 /// Whether a node's live database is read-only, by the SELECT checks of its
 /// `readonly_sql`: `None` when there are none or the database cannot be
 /// reached.
+/// Dump `node`'s live database into `path` on the node itself (0600, made
+/// complete under a temp name, then renamed): the quarantine of `hasync
+/// rejoin`. Returns the dump's size in bytes.
+pub fn dump_to_file(t: &dyn Transport, node: &Node, path: &str) -> Result<u64, StepError> {
+    const STEP: &str = "quarantine dump";
+    let Some(db) = node.database.as_ref() else {
+        return Ok(0);
+    };
+    let password = db.password().map_err(|e| fail("settings", &node.name, e))?;
+    let (secret, dump) = match db.engine {
+        Engine::Mysql => {
+            let s = Secret::write(
+                t,
+                node,
+                "dump.cnf",
+                &mysql::defaults_file(db, password.as_deref()),
+            )?;
+            let cmd = mysql::dump_command(db, &s.path);
+            (Some(s), cmd)
+        }
+        Engine::Postgres => {
+            let s = password
+                .as_deref()
+                .map(|p| Secret::write(t, node, "dump.pgpass", &pg::passfile(p)))
+                .transpose()?;
+            let cmd = pg::dump_command(db, s.as_ref().map(|s| s.path.as_str()), None);
+            (s, cmd)
+        }
+    };
+    let partial = format!("{path}.partial");
+    let cmd = format!(
+        "umask 077; ( {dump} ) > {p} && mv -- {p} {q} && wc -c < {q}",
+        p = shell_quote(&partial),
+        q = shell_quote(path)
+    );
+    let out = t
+        .exec(&cmd, b"", None)
+        .map_err(|e| fail(STEP, &node.name, e))?;
+    drop(secret);
+    if !out.success() {
+        let _ = t.remove_file(&partial);
+        return Err(fail(
+            STEP,
+            &node.name,
+            format!("exit {}: {}", out.status, out.stderr_tail()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0))
+}
+
 pub fn read_only_flag(t: &dyn Transport, node: &Node) -> Option<bool> {
     let checks = queries(&node.database.as_ref()?.readonly_sql);
     if checks.is_empty() {
@@ -1041,7 +1094,7 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
             }
             steps.push((
                 p.clone(),
-                pg::dump_command(src.db, pf.as_deref(), "<snapshot>"),
+                pg::dump_command(src.db, pf.as_deref(), Some("<snapshot>")),
             ));
             steps.push((
                 m.clone(),

@@ -365,12 +365,3 @@ fn agent_pinned_to_a_root_refuses_another() {
     }
     assert_eq!(child.wait().unwrap().code(), Some(1));
 }
-
-/// Commands of the roles issue that are not built yet say so plainly.
-#[test]
-fn unbuilt_commands_say_so() {
-    for cmd in [&["rejoin", "okm1"][..]] {
-        let r = hasync().args(cmd).run();
-        r.code(1).stderr_has("is not built yet");
-    }
-}

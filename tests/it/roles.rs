@@ -108,6 +108,13 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     c.nodes[0].sshd.stop();
     let st = hasync().config(&cfg).args(["status"]).run();
     st.code(0).stdout_has("okm1       UNREACHABLE");
+    hasync()
+        .config(&cfg)
+        .args(["check"])
+        .run()
+        .code(2)
+        .stdout_has("HASYNC CRITICAL - okm1 unreachable")
+        .stdout_has("no reachable primary");
     let mirror_files = crate::sync::snapshot(&s.roots[1]);
 
     // A dry run changes nothing.
@@ -159,6 +166,82 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     let chk = hasync().config(&cfg).args(["check"]).run();
     assert!(chk.code == 1 || chk.code == 2, "{}", chk.stdout);
     assert!(chk.stdout.contains("fenced"), "{}", chk.stdout);
+
+    // Rejoin. What okm1 took after the split (an edit, a new file, a row)
+    // goes to quarantine; what okm2 took since the promote reaches okm1.
+    crate::sync::write(&s.roots[0], "repository/a.txt", b"edited after the split");
+    crate::sync::write(
+        &s.roots[0],
+        "repository/late.txt",
+        b"written after the split",
+    );
+    as_okm(
+        Engine::Mysql,
+        0,
+        db,
+        "INSERT INTO doc VALUES (99, 'repository/late.txt');",
+    );
+    app_writes(&s, 1, db, 5);
+    let okm1_files = crate::sync::snapshot(&s.roots[0]);
+    let dry = hasync()
+        .config(&cfg)
+        .args(["rejoin", "okm1", "--dry-run"])
+        .run();
+    dry.code(0)
+        .stdout_has("would rejoin okm1 (fenced at epoch 1) as a standby of okm2 at epoch 2")
+        .stdout_has("repository/a.txt")
+        .stdout_has("repository/late.txt")
+        .stdout_has("dump database okmdb_roles");
+    assert_eq!(record(&s, 0)["role"], "fenced");
+    assert_eq!(okm1_files, crate::sync::snapshot(&s.roots[0]));
+    assert!(!s.state_dirs[0].join("quarantine").exists());
+
+    hasync()
+        .config(&cfg)
+        .args(["rejoin", "okm1"])
+        .run()
+        .code(0)
+        .stderr_has("okm1 is a standby of okm2 at epoch 2");
+    assert_eq!(role_of(&s, 0), ("standby".into(), 2));
+    assert!(!c.nodes[0].app.is_running(), "stopped until the next cycle");
+    let q = std::fs::read_dir(s.state_dirs[0].join("quarantine"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let kept = |rel: &str| std::fs::read_to_string(q.join("files").join(rel)).unwrap();
+    assert_eq!(kept("repository/a.txt"), "edited after the split");
+    assert_eq!(kept("repository/late.txt"), "written after the split");
+    let sql = std::fs::read_to_string(q.join(format!("{db}.sql"))).unwrap();
+    assert!(
+        sql.contains("(99,'repository/late.txt')"),
+        "the row is in the dump"
+    );
+    assert!(std::fs::read_to_string(q.join("README.txt"))
+        .unwrap()
+        .contains("repository/late.txt"));
+
+    // The next cycle (okm2 -> okm1) makes okm1 an exact mirror.
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    crate::sync::assert_same_tree(&s.roots[1], &s.roots[0]);
+    let docs = admin(
+        Engine::Mysql,
+        0,
+        db,
+        "SELECT GROUP_CONCAT(id ORDER BY id) FROM doc",
+    );
+    assert_eq!(docs.trim(), "1,5", "okm2's rows, not the split's");
+    assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    let st = hasync().config(&cfg).args(["status"]).run();
+    st.code(0)
+        .stdout_has("okm1       standby  epoch 2")
+        .stdout_has("okm2       primary  epoch 2");
+    assert!(
+        !st.stdout.contains("WARNING") && !st.stdout.contains("CRITICAL"),
+        "{}",
+        st.stdout
+    );
     crate::db::drop_dbs(Engine::Mysql, 0, db);
     crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
@@ -428,4 +511,61 @@ fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
     std::fs::remove_file(state.join("state.json")).unwrap();
     assert!(matches!(mkdir(5), Msg::Done { id: 1, .. }));
     assert!(root.join("new-dir").is_dir());
+}
+
+/// Rejoin on PostgreSQL: the fenced node's live database is dumped into
+/// its quarantine (pg_dump through a PGPASSFILE), then it is a standby.
+#[test]
+fn rejoin_quarantines_a_postgres_database() {
+    let db = "okmdb_rejoin_pg";
+    let mut s = Setup::exclusive("roles-rejoin-pg");
+    s.engine = Some("postgres");
+    s.db_name = db.into();
+    let cfg = s.write();
+    crate::db::fresh_db(Engine::Postgres, 0, db);
+    as_okm(
+        Engine::Postgres,
+        0,
+        db,
+        "CREATE TABLE doc (id INT PRIMARY KEY, path TEXT); INSERT INTO doc VALUES (7, 'after the split');",
+    );
+    let _apps = AppsStopped;
+    for (i, role, epoch) in [(0, "fenced", 1), (1, "primary", 2)] {
+        std::fs::create_dir_all(&s.state_dirs[i]).unwrap();
+        let rec =
+            serde_json::json!({"node": format!("okm{}", i + 1), "role": role, "epoch": epoch});
+        std::fs::write(s.state_dirs[i].join("state.json"), rec.to_string()).unwrap();
+    }
+    hasync()
+        .config(&cfg)
+        .args(["rejoin", "okm1"])
+        .run()
+        .code(0)
+        .stderr_has(&format!("its database {db} dumped into"));
+    assert_eq!(role_of(&s, 0), ("standby".into(), 2));
+    let q = std::fs::read_dir(s.state_dirs[0].join("quarantine"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let sql = std::fs::read_to_string(q.join(format!("{db}.sql"))).unwrap();
+    assert!(sql.contains("7\tafter the split"), "{sql}");
+    let leftovers: Vec<_> = std::fs::read_dir(&s.state_dirs[0])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".hasync-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "credentials left behind: {leftovers:?}"
+    );
+    // Rejoining again is a no-op.
+    hasync()
+        .config(&cfg)
+        .args(["rejoin", "okm1"])
+        .run()
+        .code(0)
+        .stderr_has("already a standby of okm2 at epoch 2");
+    crate::db::drop_dbs(Engine::Postgres, 0, db);
 }
