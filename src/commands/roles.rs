@@ -112,7 +112,8 @@ fn problems(config: &Config, nodes: &[NodeStatus], max_age: Duration) -> Vec<(u8
         Err(e) if nodes.iter().any(|n| !n.reachable) && matches!(e, RoleError::NoPrimary(_)) => {
             let _ = e;
         }
-        Err(e) => out.push((2, e.to_string())),
+        // Its own "CRITICAL: " would be said twice.
+        Err(e) => out.push((2, e.to_string().trim_start_matches("CRITICAL: ").into())),
     }
     out
 }

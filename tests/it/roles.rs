@@ -569,3 +569,55 @@ fn rejoin_quarantines_a_postgres_database() {
         .stderr_has("already a standby of okm2 at epoch 2");
     crate::db::drop_dbs(Engine::Postgres, 0, db);
 }
+
+/// Refusals and the split state without a database: promote refuses a
+/// standby while the primary is up (a switchover) or that never completed
+/// a cycle; two primaries of one epoch are CRITICAL in status and check,
+/// and no cycle runs between them.
+#[test]
+fn promote_refusals_and_two_primaries() {
+    let mut s = Setup::exclusive("roles-split");
+    s.engine = None;
+    let cfg = s.write();
+    let c = cluster();
+    let _apps = AppsStopped;
+    c.nodes[0].app.start();
+    hasync()
+        .config(&cfg)
+        .args(["promote", "okm2"])
+        .run()
+        .code(1)
+        .stderr_has("that is a switchover")
+        .stderr_has("okm2 never completed a cycle")
+        .stderr_has("add --force");
+    assert!(
+        !s.state_dirs[1].join("state.json").exists(),
+        "nothing written"
+    );
+    for i in 0..2 {
+        std::fs::create_dir_all(&s.state_dirs[i]).unwrap();
+        let rec =
+            serde_json::json!({"node": format!("okm{}", i + 1), "role": "primary", "epoch": 3});
+        std::fs::write(s.state_dirs[i].join("state.json"), rec.to_string()).unwrap();
+    }
+    hasync()
+        .config(&cfg)
+        .args(["status"])
+        .run()
+        .code(0)
+        .stdout_has("CRITICAL: two primaries at epoch 3: okm1 and okm2");
+    hasync()
+        .config(&cfg)
+        .args(["check"])
+        .run()
+        .code(2)
+        .stdout_has("HASYNC CRITICAL - two primaries");
+    crate::sync::write(&s.roots[0], "x.txt", b"x");
+    hasync()
+        .config(&cfg)
+        .args(["sync", "--files-only"])
+        .run()
+        .code(1)
+        .stderr_has("two primaries at epoch 3");
+    assert!(!s.roots[1].join("x.txt").exists());
+}
