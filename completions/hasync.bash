@@ -129,13 +129,17 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__agent)
-            opts="-c -v -q -h --root --version --config --verbose --quiet --json --no-progress --help"
+            opts="-c -v -q -h --root --state-dir --version --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -543,7 +547,7 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__rejoin)
-            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            opts="-n -c -v -q -h --dry-run --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -613,12 +617,16 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__switchover)
-            opts="-c -v -q -h --config --verbose --quiet --json --no-progress --help"
+            opts="-n -c -v -q -h --dry-run --to --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --to)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

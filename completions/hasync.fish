@@ -37,8 +37,8 @@ complete -c hasync -n "__fish_hasync_needs_command" -f -a "sync" -d 'Replicate t
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "status" -d 'One line per node: role, epoch, reachable, service, database read-only, last cycle'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "check" -d 'A Nagios / Icinga plugin: one status line with perfdata, and Prometheus metrics'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "promote" -d 'Make a standby the primary (failover), and fence the old primary'
-complete -c hasync -n "__fish_hasync_needs_command" -f -a "switchover" -d 'Planned, lossless role swap (not built yet)'
-complete -c hasync -n "__fish_hasync_needs_command" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary (not built yet)'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "switchover" -d 'Planned, lossless role swap: the standby becomes the primary'
+complete -c hasync -n "__fish_hasync_needs_command" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "health-server" -d 'Serve /primary, /standby and /health over HTTP for a load balancer'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "schedule" -d 'Run cycles on the [schedule] cron line, in the foreground (for systemd)'
 complete -c hasync -n "__fish_hasync_needs_command" -f -a "completions" -d 'Print a shell completion script on stdout'
@@ -93,18 +93,21 @@ complete -c hasync -n "__fish_hasync_using_subcommand promote" -s q -l quiet -d 
 complete -c hasync -n "__fish_hasync_using_subcommand promote" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand promote" -l no-progress -d 'No progress bars, even on a terminal'
 complete -c hasync -n "__fish_hasync_using_subcommand promote" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c hasync -n "__fish_hasync_using_subcommand switchover" -l to -d 'The standby that becomes the primary (default: the only standby)' -r
 complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s n -l dry-run -d 'Show the plan (the cycle\'s, then the swap) and change nothing'
 complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s v -l verbose -d 'More detail on stderr (repeat for more)'
 complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
 complete -c hasync -n "__fish_hasync_using_subcommand switchover" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand switchover" -l no-progress -d 'No progress bars, even on a terminal'
-complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand switchover" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s c -l config -d 'The configuration file' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s n -l dry-run -d 'Show what would be quarantined and changed, and change nothing'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s v -l verbose -d 'More detail on stderr (repeat for more)'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -l json -d 'Print data as JSON on stdout (for scripts and monitoring)'
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -l no-progress -d 'No progress bars, even on a terminal'
-complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s h -l help -d 'Print help'
+complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l listen -d 'Address and port to listen on' -r
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l node -d 'The node this runs on (default: the one with address = "local")' -r
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s c -l config -d 'The configuration file' -r -F
@@ -134,6 +137,7 @@ complete -c hasync -n "__fish_hasync_using_subcommand man" -l json -d 'Print dat
 complete -c hasync -n "__fish_hasync_using_subcommand man" -l no-progress -d 'No progress bars, even on a terminal'
 complete -c hasync -n "__fish_hasync_using_subcommand man" -s h -l help -d 'Print help'
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -l root -d 'Serve only this root (refuse a session naming another one)' -r -F
+complete -c hasync -n "__fish_hasync_using_subcommand agent" -l state-dir -d 'This node\'s state_dir: the agent writes only if the state record there says standby at the caller\'s epoch (or there is none yet)' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -s c -l config -d 'The configuration file' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -l version -d 'Print the agent\'s version and protocol line and exit'
 complete -c hasync -n "__fish_hasync_using_subcommand agent" -s v -l verbose -d 'More detail on stderr (repeat for more)'
@@ -147,8 +151,8 @@ complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "status" -d 'One line per node: role, epoch, reachable, service, database read-only, last cycle'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "check" -d 'A Nagios / Icinga plugin: one status line with perfdata, and Prometheus metrics'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "promote" -d 'Make a standby the primary (failover), and fence the old primary'
-complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "switchover" -d 'Planned, lossless role swap (not built yet)'
-complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary (not built yet)'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "switchover" -d 'Planned, lossless role swap: the standby becomes the primary'
+complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "rejoin" -d 'Turn a fenced old primary into a standby of the current primary'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "health-server" -d 'Serve /primary, /standby and /health over HTTP for a load balancer'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "schedule" -d 'Run cycles on the [schedule] cron line, in the foreground (for systemd)'
 complete -c hasync -n "__fish_hasync_using_subcommand help; and not __fish_seen_subcommand_from init doctor sync status check promote switchover rejoin health-server schedule completions man agent help" -f -a "completions" -d 'Print a shell completion script on stdout'
