@@ -110,7 +110,8 @@ pub enum Command {
     /// readonly_sql there and marks it fenced; then runs post_promote.
     /// Refused without --force when the old primary is reachable and its
     /// service runs (that is a switchover), or when the standby's last cycle
-    /// failed or is older than --max-age.
+    /// failed or is older than --max-age. Never while a cycle holds the
+    /// standby's lock, even with --force.
     Promote(PromoteArgs),
     /// Planned, lossless role swap: the standby becomes the primary.
     ///

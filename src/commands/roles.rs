@@ -509,9 +509,13 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             refusals.join("; ")
         ));
     }
+    let tt = transport::connect(&tnode.endpoint).map_err(|e| anyhow!("{e}"))?;
+    // Not while a cycle copies into it (a forced promote of a standby whose
+    // primary is alive): the cycle would go on writing into the new primary.
+    let _lock = hasync::lock::acquire(&[(tnode, &*tt)], &hasync::lock::Holder::me())
+        .map_err(|e| anyhow!("{e}; nothing was changed"))?;
     promote_hook(&config, true, &t.node, new_epoch, "pre")
         .map_err(|e| anyhow!("pre_promote refused the promote: {e}; nothing was changed"))?;
-    let tt = transport::connect(&tnode.endpoint).map_err(|e| anyhow!("{e}"))?;
     // The epoch first: from now on the old primary can never sync onto it.
     let mut rec = state::read_or_initial(&*tt, tnode)?;
     rec.change_role(NodeRole::Primary, new_epoch, "promote");

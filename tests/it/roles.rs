@@ -590,10 +590,38 @@ fn promote_refusals_and_two_primaries() {
         .stderr_has("that is a switchover")
         .stderr_has("okm2 never completed a cycle")
         .stderr_has("add --force");
-    assert!(
-        !s.state_dirs[1].join("state.json").exists(),
-        "nothing written"
+    let unwritten = || !s.state_dirs[1].join("state.json").exists();
+    assert!(unwritten(), "nothing written");
+    // Not even --force while a cycle holds the standby's lock.
+    std::fs::create_dir_all(&s.state_dirs[1]).unwrap();
+    let lock = s.state_dirs[1].join("cycle.lock");
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    crate::db::wait_until(
+        "the test's lock",
+        std::time::Duration::from_secs(10),
+        || {
+            std::process::Command::new("flock")
+                .arg("-n")
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .is_ok_and(|st| !st.success())
+        },
     );
+    let forced = hasync()
+        .config(&cfg)
+        .args(["promote", "okm2", "--force"])
+        .run();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    forced
+        .code(1)
+        .stderr_has("another replication cycle is running: it holds the lock on okm2");
+    assert!(unwritten(), "nothing written");
     for i in 0..2 {
         std::fs::create_dir_all(&s.state_dirs[i]).unwrap();
         let rec =
