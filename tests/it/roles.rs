@@ -13,15 +13,21 @@ use crate::setup::Setup;
 const READWRITE: &str =
     "readwrite_sql = [\"UPDATE OKM_CONFIG SET CFG_VALUE = 'false' WHERE CFG_KEY = 'system.readonly'\"]\n";
 
-/// The cycle's setup (MariaDB, okm1 primary) with a readwrite_sql too.
-fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf) {
+/// The cycle's setup (MariaDB, okm1 primary) with a readwrite_sql too,
+/// both applications running and a first cycle done.
+fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf, AppsStopped) {
     let s = cycle_setup(label, db);
     let cfg = s.write();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("readonly_sql = ", &format!("{READWRITE}readonly_sql = "));
     std::fs::write(&cfg, text).unwrap();
-    (s, cfg)
+    let apps = AppsStopped;
+    for n in &cluster().nodes {
+        n.app.start();
+    }
+    hasync().config(&cfg).args(["sync"]).run().code(0);
+    (s, cfg, apps)
 }
 
 /// The live database's system.readonly flag on node `i`.
@@ -60,14 +66,10 @@ fn app_writes(s: &Setup, i: usize, db: &str, id: u32) {
 #[test]
 fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     let db = "okmdb_roles";
-    let (s, cfg) = roles_setup("roles-promote", db);
+    let (s, cfg, _apps) = roles_setup("roles-promote", db);
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
 
-    // Healthy: a first cycle, then status and check say so.
-    hasync().config(&cfg).args(["sync"]).run().code(0);
+    // Healthy: after a first cycle, status and check say so.
     let st = hasync().config(&cfg).args(["status"]).run();
     st.code(0)
         .stdout_has("okm1       primary  epoch 1")
@@ -336,12 +338,8 @@ fn the_health_endpoint_flips_with_the_role() {
 #[test]
 fn switchover_there_and_back_keeps_every_document() {
     let db = "okmdb_switch";
-    let (s, cfg) = roles_setup("roles-switchover", db);
+    let (s, cfg, _apps) = roles_setup("roles-switchover", db);
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
-    hasync().config(&cfg).args(["sync"]).run().code(0);
     app_writes(&s, 0, db, 2);
 
     let before = (
