@@ -9,11 +9,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::bench_cycle::{check_copy, client_cnf, rows, Writer};
 use crate::cmd::hasync;
-use crate::cycle::{cycle_setup, AppsStopped};
-use crate::db::{databases, drop_dbs, wait_until, Engine};
+use crate::cycle::{cycle_setup, record, AppsStopped};
+use crate::db::{as_okm, databases, drop_dbs, fresh_db, wait_until, Engine};
 use crate::harness::{self, cluster};
 use crate::setup::{edit_toml, quoted, Setup};
 use crate::sync::{assert_same_tree, files_only, set_mtime, snapshot, write, Node as SyncNode};
@@ -314,4 +315,116 @@ fn a_file_vanishing_between_scan_and_read_never_hangs_a_run() {
         .run()
         .code(0);
     assert_same_tree(&src, dst);
+}
+
+// ---------------------------------------------------------------------------
+// Item 13: soak, back-to-back cycles against a writing application
+// ---------------------------------------------------------------------------
+
+/// `cycles` full cycles (files and MariaDB) back to back, the primary's
+/// application being `bench_cycle`'s writer: every 20 ms a new file under
+/// `repository/docs/`, then its row `(id, path, sha256)`. The cycle stops
+/// and restarts it like any service. After every cycle: it ended ok, both
+/// applications run again, the mirror's database has more rows than after
+/// the cycle before, and every row it has finds its file on the mirror with
+/// that sha256 (and equals the primary's row).
+fn soak(label: &str, cycles: u32) {
+    const DB: &str = "okmdb_soak";
+    let c = cluster();
+    let mut s = Setup::exclusive(label);
+    s.db_name = DB.into();
+    fresh_db(Engine::Mysql, 0, DB);
+    drop_dbs(Engine::Mysql, 1, DB);
+    as_okm(
+        Engine::Mysql,
+        0,
+        DB,
+        "CREATE TABLE docs (id INT PRIMARY KEY, path VARCHAR(255), sha256 CHAR(64), at TIMESTAMP(3))",
+    );
+    let cnf = client_cnf(&s.dir.join("okm1-client.cnf"), c.nodes[0].mariadb.port);
+    let writer = Writer::setup(&s.dir.join("writer"), &s.roots[0], &cnf, DB);
+    let q = |v: String| Some(format!("{v:?}"));
+    let cfg = s.dir.join("hasync.toml");
+    std::fs::write(
+        &cfg,
+        edit_toml(
+            &s.config_text(),
+            &[
+                ("nodes.okm1", "address", q("local".into())),
+                ("nodes.okm1.service", "start", q(writer.cmd("start"))),
+                ("nodes.okm1.service", "stop", q(writer.cmd("stop"))),
+                ("nodes.okm1.service", "status", q(writer.cmd("status"))),
+            ],
+        ),
+    )
+    .unwrap();
+    let _apps = AppsStopped;
+    c.nodes[1].app.start();
+    assert_eq!(writer.run("start"), Some(0), "writer.sh start");
+    wait_until("the writer's first write", Duration::from_secs(10), || {
+        !writer.writes().is_empty()
+    });
+
+    let t0 = Instant::now();
+    let mut last_rows = 0;
+    for i in 1..=cycles {
+        let run = hasync().config(&cfg).args(["--no-progress", "sync"]).run();
+        run.code(0);
+        assert_eq!(
+            writer.run("status"),
+            Some(0),
+            "cycle {i}: the writer runs again"
+        );
+        assert!(
+            c.nodes[1].app.is_running(),
+            "cycle {i}: okm2's app runs again"
+        );
+        assert_eq!(record(&s, 1)["last_cycle"]["outcome"], "ok", "cycle {i}");
+        let (line, problems) = check_copy(&format!("cycle {i}"), DB, &s.roots[1], &rows(0, DB));
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        let n = rows(1, DB).len();
+        assert!(
+            n > last_rows,
+            "cycle {i}: the mirror has {n} rows, {last_rows} before: the writer did not write"
+        );
+        last_rows = n;
+        if i % 10 == 0 || i == cycles {
+            println!("{line} ({:.1} s so far)", t0.elapsed().as_secs_f64());
+        }
+    }
+    let total = t0.elapsed().as_secs_f64();
+    println!(
+        "soak: {cycles} cycles in {total:.1} s, {:.2} s per cycle; {last_rows} rows on the mirror",
+        total / f64::from(cycles)
+    );
+    assert_eq!(writer.run("stop"), Some(0), "writer.sh stop");
+    let wout = std::fs::read_to_string(&writer.out).unwrap_or_default();
+    assert!(
+        !wout.contains("ERROR"),
+        "the writer's client failed:\n{wout}"
+    );
+    drop_dbs(Engine::Mysql, 0, DB);
+    drop_dbs(Engine::Mysql, 1, DB);
+}
+
+/// Ten cycles: part of every `cargo test`.
+#[test]
+fn soak_10_cycles_with_a_writing_application() {
+    soak("faults-soak-10", 10);
+}
+
+/// The full soak, `HASYNC_SOAK_CYCLES` cycles (default 100; about 4.3 s a
+/// cycle in a debug build):
+///
+/// ```text
+/// cargo test --test it soak_many_cycles -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "soak: cargo test --test it soak_many_cycles -- --ignored --nocapture"]
+fn soak_many_cycles_with_a_writing_application() {
+    let cycles = std::env::var("HASYNC_SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    soak("faults-soak", cycles);
 }
