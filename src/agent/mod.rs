@@ -534,11 +534,43 @@ impl<W: Write> Session<W> {
     }
 
     /// Sender side: stream a file, whole or as a delta against `sig`.
+    ///
+    /// A file gone since the scan is answered with a `Fail` marked
+    /// `mismatch`, like one that changed (below). A file written to while it is read (the application appends to it,
+    /// rewrites it in place) may reach the standby torn: bytes of two
+    /// versions, or fewer than it has. The hash only proves the transfer, not
+    /// that the bytes were ever the file's content. So the file is stat'ed
+    /// before and after the read; if its size, mtime or ctime moved, the
+    /// data is disowned with a `Fail` marked `mismatch` (the standby drops
+    /// its temp file, the client reads the file again or leaves it for the
+    /// next run; see `sync::execute`). ctime catches writers that put the
+    /// mtime back; the kernel's fine-grained timestamps for an inode whose
+    /// times were just queried make a write right after the first stat show.
     fn read_out(&mut self, id: u64, path: &[u8], sig: Option<&[u8]>) -> Result<(), AgentError> {
         let file = match self.root()?.open_read(path) {
             Ok(f) => f,
+            // Removed since the scan (a temp file of the application):
+            // a change like any other, not a failure.
+            Err(e) if e.io_error().and_then(io::Error::raw_os_error) == Some(libc::ENOENT) => {
+                return self.send(&Msg::Fail {
+                    id,
+                    mismatch: true,
+                    message: "vanished before it could be read".into(),
+                })
+            }
             Err(e) => return self.send(&fs_fail(id, &e)),
         };
+        let stamp = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().ok().map(|m| {
+                (
+                    m.size(),
+                    (m.mtime(), m.mtime_nsec()),
+                    (m.ctime(), m.ctime_nsec()),
+                )
+            })
+        };
+        let before = stamp(&file);
         let out = &mut self.out;
         let mut sink = |c: &[u8]| wire::send_data(out, id, c);
         let res = match sig {
@@ -549,7 +581,18 @@ impl<W: Write> Session<W> {
                 .map(|(size, hash)| (size, *hash.as_bytes(), size, 0))
                 .map_err(|e| e.to_string()),
         };
+        let after = stamp(&file);
         match res {
+            Ok((size, _, _, _)) if before.is_none() || before != after => {
+                let (was, now) = (before.map_or(0, |b| b.0), after.map_or(0, |a| a.0));
+                self.send(&Msg::Fail {
+                    id,
+                    mismatch: true,
+                    message: format!(
+                        "changed while being read ({was} bytes when opened, {size} read, {now} now)"
+                    ),
+                })
+            }
             Ok((size, hash, literal, matched)) => self.send(&Msg::End {
                 id,
                 size,

@@ -104,6 +104,12 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
                 started.elapsed().as_secs_f64()
             ));
         }
+        if outcome.summary.changed > 0 {
+            log.warn(&format!(
+                "{} files changed or vanished on {} while being read and were not copied; the next run copies them",
+                outcome.summary.changed, primary.name
+            ));
+        }
         if outcome.summary.skipped_special > 0 {
             log.warn(&format!(
                 "{} special files (sockets, fifos, devices) on {} were not replicated",

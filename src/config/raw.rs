@@ -583,7 +583,10 @@ fn check_node(
                 c.err(
                     cmd.span(),
                     format!("node {name}: service {key} command is empty"),
-                    None,
+                    // Every error says what to write instead.
+                    Some(format!(
+                        "the shell command that does it on the node, e.g. {key} = \"systemctl {key} tomcat\""
+                    )),
                 );
             }
         }

@@ -187,8 +187,13 @@ pub struct Summary {
     /// Protocol bytes sent to and received from the standby's agent.
     pub wire_sent: u64,
     pub wire_received: u64,
-    /// Files sent again whole after a failed content check.
+    /// Files sent again whole after a failed content check (or because they
+    /// changed while being read).
     pub resent: u64,
+    /// Files that changed (or vanished) while being read, again when read a
+    /// second time: not copied by this run (the standby keeps what it had, which the next
+    /// run's quick check sees as different).
+    pub changed: u64,
     pub scan_secs: f64,
     pub transfer_secs: f64,
     pub skipped_special: u64,
@@ -562,6 +567,47 @@ struct Job {
     /// Begin already forwarded to the standby.
     begun: bool,
     resent: bool,
+    /// The source disowned the data it sent: the file changed while it was
+    /// being read (a `Fail` marked `mismatch` from the source agent).
+    changed: bool,
+}
+
+/// A file changed or vanished on the source between the scan and the end
+/// of its read (see `agent::read_out`; `message` is the source's): read it
+/// again once (whole); if that fails the same way, leave the standby's copy
+/// alone and say so. Never a failure of the run, as with rsync's "file has
+/// vanished": the application writes (and removes temp files) during the
+/// warm pass, and the next run copies (or deletes) them.
+/// Returns the request to send to the source, if any.
+fn changed_while_read(
+    st: &mut State,
+    id: u64,
+    message: &str,
+    progress: &dyn Progress,
+) -> Option<Msg> {
+    let j = st.jobs.get_mut(&id)?;
+    let path = String::from_utf8_lossy(&j.entry.path).into_owned();
+    // The standby quotes the source's Fail as "sender: ...".
+    let message = message.strip_prefix("sender: ").unwrap_or(message);
+    if !j.resent {
+        progress.note(&format!("{path}: {message}; reading it again"));
+        j.changed = false;
+        j.resent = true;
+        j.delta = false;
+        j.begun = false;
+        st.resent += 1;
+        return Some(Msg::ReadReq {
+            id,
+            path: j.entry.path.clone(),
+        });
+    }
+    progress.note(&format!(
+        "{path}: {message}, again; not copied this time, the next run copies it"
+    ));
+    st.jobs.remove(&id);
+    st.changed += 1;
+    st.outstanding -= 1;
+    None
 }
 
 #[derive(Default)]
@@ -573,6 +619,7 @@ struct State {
     literal: u64,
     matched: u64,
     resent: u64,
+    changed: u64,
     next_id: u64,
 }
 
@@ -713,6 +760,7 @@ fn execute(
                     delta: false,
                     begun: true,
                     resent: false,
+                    changed: false,
                 },
             );
             st.outstanding += 1;
@@ -727,6 +775,7 @@ fn execute(
                     delta: *delta,
                     begun: false,
                     resent: false,
+                    changed: false,
                 },
             );
             st.outstanding += 1;
@@ -746,6 +795,7 @@ fn execute(
         let src_reader = &mut src.reader;
         let st1 = state.clone();
         let to_dst1 = to_dst.clone();
+        let to_src1 = to_src.clone();
         let src_node1 = src_node.clone();
         let sr = s.spawn(move || {
             loop {
@@ -798,11 +848,26 @@ fn execute(
                 };
                 if !job.begun {
                     job.begun = true;
-                    if let Some(Msg::Fail { message, .. }) = &msg {
+                    if let Some(Msg::Fail {
+                        message, mismatch, ..
+                    }) = &msg
+                    {
                         // Never started on the standby: the failure is ours to count.
-                        let p = String::from_utf8_lossy(&job.entry.path).into_owned();
-                        st.failures.push(format!("{p}: {message}"));
-                        st.outstanding -= 1;
+                        if *mismatch {
+                            if let Some(again) = changed_while_read(&mut st, id, message, progress)
+                            {
+                                let _ = to_src1.send(frame(&again));
+                            }
+                        } else {
+                            let p = String::from_utf8_lossy(&job.entry.path).into_owned();
+                            st.failures.push(format!("{p}: {message}"));
+                            st.outstanding -= 1;
+                        }
+                        if st.outstanding == 0 {
+                            // The standby's reader waits for an answer; this
+                            // one (to an id it does not know) ends it.
+                            let _ = to_dst1.send(frame(&Msg::Sync { id: WAKE }));
+                        }
                         continue;
                     }
                     let begin = Msg::Begin {
@@ -821,6 +886,13 @@ fn execute(
                 {
                     st.literal += literal;
                     st.matched += matched;
+                }
+                if let Some(Msg::Fail { mismatch: true, .. }) = &msg {
+                    // Forwarded below: the standby drops its temp file and
+                    // answers Fail, which its reader handles as a change.
+                    if let Some(j) = st.jobs.get_mut(&id) {
+                        j.changed = true;
+                    }
                 }
                 drop(st);
                 // Forward the frame as it came.
@@ -858,6 +930,10 @@ fn execute(
                     }
                     Msg::Done { id, .. } => {
                         let Some(job) = st.jobs.get(&id).cloned() else {
+                            // The source reader's wake-up once nothing is left.
+                            if st.outstanding == 0 {
+                                return;
+                            }
                             continue;
                         };
                         if job.delta && !job.begun {
@@ -893,6 +969,16 @@ fn execute(
                         let Some(job) = st.jobs.get(&id).cloned() else {
                             continue;
                         };
+                        if job.changed {
+                            if let Some(again) = changed_while_read(&mut st, id, &message, progress)
+                            {
+                                drop(st);
+                                let _ = to_src2.send(frame(&again));
+                            } else if st.outstanding == 0 {
+                                return;
+                            }
+                            continue;
+                        }
                         let path = String::from_utf8_lossy(&job.entry.path).into_owned();
                         if job.entry.kind == Kind::File
                             && ((job.delta && !job.begun) || (mismatch && !job.resent))
@@ -965,6 +1051,7 @@ fn execute(
         summary.literal_bytes = st.literal;
         summary.matched_bytes = st.matched;
         summary.resent = st.resent;
+        summary.changed = st.changed;
         (st.fatal.take(), std::mem::take(&mut st.failures))
     };
     drop(to_src);

@@ -78,19 +78,19 @@ fn now_ms() -> u64 {
 }
 
 /// The writer application on okm1. See the module docs.
-struct Writer {
+pub struct Writer {
     script: PathBuf,
     pidfile: PathBuf,
     /// `n <epoch-ms>` per completed write.
     wlog: PathBuf,
     /// The daemon's stdout and stderr (the `mariadb` client's errors).
-    out: PathBuf,
+    pub out: PathBuf,
 }
 
 impl Writer {
     /// Writes `dir/writer.sh` for a writer into `root` and database `db`
     /// with the `[client]` option file `cnf`.
-    fn setup(dir: &Path, root: &Path, cnf: &Path, db: &str) -> Writer {
+    pub fn setup(dir: &Path, root: &Path, cnf: &Path, db: &str) -> Writer {
         make_dir(dir, 0o755);
         let w = Writer {
             script: dir.join("writer.sh"),
@@ -112,12 +112,12 @@ impl Writer {
         w
     }
 
-    fn cmd(&self, action: &str) -> String {
+    pub fn cmd(&self, action: &str) -> String {
         format!("{} {action}", self.script.display())
     }
 
     /// Runs `writer.sh action` locally; its exit code.
-    fn run(&self, action: &str) -> Option<i32> {
+    pub fn run(&self, action: &str) -> Option<i32> {
         Command::new("/bin/sh")
             .arg(&self.script)
             .arg(action)
@@ -129,7 +129,7 @@ impl Writer {
     }
 
     /// The completed writes so far: (n, epoch ms), in order.
-    fn writes(&self) -> Vec<(u64, u64)> {
+    pub fn writes(&self) -> Vec<(u64, u64)> {
         std::fs::read_to_string(&self.wlog)
             .unwrap_or_default()
             .lines()
@@ -145,6 +145,18 @@ impl Drop for Writer {
     fn drop(&mut self) {
         let _ = self.run("stop");
     }
+}
+
+/// A `[client]` option file (0600) at `path` for user `okm` on the MariaDB
+/// at `port`; returns the path.
+pub fn client_cnf(path: &Path, port: u16) -> PathBuf {
+    let pw = &cluster().db_password;
+    write_file(
+        path,
+        &format!("[client]\nuser={DB_USER}\npassword={pw}\nhost=127.0.0.1\nport={port}\n"),
+        0o600,
+    );
+    path.to_path_buf()
 }
 
 /// The writer's init script. POSIX sh, daemonised and stopped like the
@@ -363,7 +375,7 @@ fn timeline(run: &Stamped, gap: &(u64, (u64, u64), (u64, u64))) -> String {
 }
 
 /// (path, sha256) of every row of `docs`, by id.
-fn rows(node: usize, db: &str) -> BTreeMap<u64, (String, String)> {
+pub fn rows(node: usize, db: &str) -> BTreeMap<u64, (String, String)> {
     admin(Engine::Mysql, node, db, "SELECT id, path, sha256 FROM docs")
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -400,7 +412,7 @@ fn file_sums(root: &Path) -> BTreeMap<String, String> {
 
 /// Checks one copy on okm2 against its root and the primary's rows. Returns
 /// a report line and the problems found.
-fn check_copy(
+pub fn check_copy(
     what: &str,
     db: &str,
     root: &Path,
@@ -465,18 +477,8 @@ fn bench_cycle() {
 
     // Client option files (0600): the writer's and the dump's on okm1, the
     // script's load on okm2.
-    let pw = &c.db_password;
-    let cnf = |name: &str, port: u16| {
-        let f = s.dir.join(name);
-        write_file(
-            &f,
-            &format!("[client]\nuser={DB_USER}\npassword={pw}\nhost=127.0.0.1\nport={port}\n"),
-            0o600,
-        );
-        f
-    };
-    let cnf1 = cnf("okm1-client.cnf", n1.mariadb.port);
-    let cnf2 = cnf("okm2-client.cnf", n2.mariadb.port);
+    let cnf1 = client_cnf(&s.dir.join("okm1-client.cnf"), n1.mariadb.port);
+    let cnf2 = client_cnf(&s.dir.join("okm2-client.cnf"), n2.mariadb.port);
 
     // Per-node files the copies must leave alone.
     crate::sync::write(&s.roots[0], "logs/app.log", b"okm1's log\n");

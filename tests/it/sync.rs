@@ -112,7 +112,7 @@ pub fn write(root: &Path, rel: &str, content: &[u8]) {
 }
 
 /// Set a regular file's mtime.
-fn set_mtime(path: &Path, t: std::time::SystemTime) {
+pub fn set_mtime(path: &Path, t: std::time::SystemTime) {
     std::fs::File::options()
         .write(true)
         .open(path)
@@ -132,7 +132,7 @@ fn sync(config: &Path, extra: &[&str]) -> crate::cmd::Run {
     hasync().config(config).args(args).run()
 }
 
-fn files_only(label: &str) -> Setup {
+pub fn files_only(label: &str) -> Setup {
     let mut s = Setup::new(label);
     s.engine = None;
     s
