@@ -135,8 +135,8 @@ pub fn connect_all(config: &Config) -> Result<(Transports, Vec<StateRecord>), St
             .iter()
             .map(|n| {
                 s.spawn(move || {
-                    let t = transport::connect(&n.endpoint)
-                        .map_err(|e| format!("node {}: {e}", n.name))?;
+                    // Its errors name the node already.
+                    let t = transport::connect(&n.endpoint).map_err(|e| e.to_string())?;
                     let r = state::read_or_initial(&*t, n).map_err(|e| e.to_string())?;
                     Ok::<_, String>((Arc::<dyn Transport>::from(t), r))
                 })
