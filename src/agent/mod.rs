@@ -217,11 +217,27 @@ pub fn serve(
     Ok(())
 }
 
-fn fs_fail(id: u64, e: &FsError) -> Msg {
-    Msg::Fail {
-        id,
-        mismatch: false,
-        message: e.to_string(),
+/// What a `Fail` says about an error under `root`. A full disk (or quota)
+/// is said in words, with the file system and what to do: the bare OS
+/// error ("cannot write `.x.hasync-….tmp`: No space left on device (os
+/// error 28)") named a temporary file and neither the place nor the remedy.
+fn fail_message(
+    root: Option<&std::path::Path>,
+    kind: Option<std::io::ErrorKind>,
+    e: &dyn std::fmt::Display,
+) -> String {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    match (kind, root) {
+        (Some(k @ (StorageFull | QuotaExceeded)), Some(root)) => format!(
+            "no space left on {}{} ({e}); free space there or enlarge that file system, then run again",
+            root.display(),
+            if k == QuotaExceeded {
+                " (disk quota exceeded)"
+            } else {
+                ""
+            },
+        ),
+        _ => e.to_string(),
     }
 }
 
@@ -230,6 +246,15 @@ impl<W: Write> Session<W> {
         self.root
             .as_ref()
             .ok_or_else(|| AgentError::Refused("the client sent a request before Hello".into()))
+    }
+
+    fn send_fs_fail(&mut self, id: u64, e: &FsError) -> Result<(), AgentError> {
+        let kind = e.io_error().map(std::io::Error::kind);
+        self.send(&Msg::Fail {
+            id,
+            mismatch: false,
+            message: fail_message(self.root.as_ref().map(Root::path), kind, e),
+        })
     }
 
     fn send(&mut self, m: &Msg) -> Result<(), AgentError> {
@@ -306,7 +331,7 @@ impl<W: Write> Session<W> {
                         }
                         self.send(&Msg::Done { id, bytes: 0 })?;
                     }
-                    Err(e) => self.send(&fs_fail(id, &e))?,
+                    Err(e) => self.send_fs_fail(id, &e)?,
                 }
             }
             // Normally handled before decoding (see serve).
@@ -407,7 +432,7 @@ impl<W: Write> Session<W> {
     fn reply(&mut self, id: u64, r: Result<(), FsError>) -> Result<(), AgentError> {
         match r {
             Ok(()) => self.send(&Msg::Done { id, bytes: 0 }),
-            Err(e) => self.send(&fs_fail(id, &e)),
+            Err(e) => self.send_fs_fail(id, &e),
         }
     }
 
@@ -430,7 +455,7 @@ impl<W: Write> Session<W> {
         };
         if cleanup {
             if let Err(e) = self.root()?.remove_leftovers() {
-                return self.send(&fs_fail(id, &e));
+                return self.send_fs_fail(id, &e);
             }
         }
         let exclude =
@@ -449,7 +474,7 @@ impl<W: Write> Session<W> {
                     bytes: scan.skipped.len() as u64,
                 })?;
             }
-            Err(e) => self.send(&fs_fail(id, &e))?,
+            Err(e) => self.send_fs_fail(id, &e)?,
         }
         Ok(())
     }
@@ -458,7 +483,7 @@ impl<W: Write> Session<W> {
     fn read_out(&mut self, id: u64, path: &[u8], sig: Option<&[u8]>) -> Result<(), AgentError> {
         let file = match self.root()?.open_read(path) {
             Ok(f) => f,
-            Err(e) => return self.send(&fs_fail(id, &e)),
+            Err(e) => return self.send_fs_fail(id, &e),
         };
         let out = &mut self.out;
         let mut sink = |c: &[u8]| wire::send_data(out, id, c);
@@ -514,7 +539,7 @@ impl<W: Write> Session<W> {
             Ok(w) => self.writing = Some(w),
             Err(e) => {
                 self.writing = Some(Writing::Failed { id });
-                self.send(&fs_fail(id, &e))?;
+                self.send_fs_fail(id, &e)?;
             }
         }
         Ok(())
@@ -522,12 +547,18 @@ impl<W: Write> Session<W> {
 
     fn data(&mut self, id: u64, bytes: &[u8]) -> Result<(), AgentError> {
         let result = match &mut self.writing {
-            Some(Writing::Whole { id: wid, temp, .. }) if *wid == id => {
-                temp.write_all(bytes).map_err(|e| e.to_string())
-            }
+            Some(Writing::Whole { id: wid, temp, .. }) if *wid == id => temp
+                .write_all(bytes)
+                .map_err(|e| (Some(e.kind()), e.to_string())),
             Some(Writing::Delta {
                 id: wid, applier, ..
-            }) if *wid == id => applier.push(bytes).map_err(|e| e.to_string()),
+            }) if *wid == id => applier.push(bytes).map_err(|e| {
+                let kind = match &e {
+                    crate::sync::delta::DeltaError::Io(io) => Some(io.kind()),
+                    _ => None,
+                };
+                (kind, e.to_string())
+            }),
             Some(Writing::Failed { id: wid }) if *wid == id => Ok(()),
             _ => {
                 // Signature chunks for a coming DeltaReq: capped for the
@@ -546,12 +577,13 @@ impl<W: Write> Session<W> {
                 Ok(())
             }
         };
-        if let Err(message) = result {
+        if let Err((kind, message)) = result {
             self.writing = Some(Writing::Failed { id });
+            let root = self.root.as_ref().map(Root::path);
             self.send(&Msg::Fail {
                 id,
                 mismatch: false,
-                message,
+                message: fail_message(root, kind, &message),
             })?;
         }
         Ok(())
@@ -609,7 +641,7 @@ impl<W: Write> Session<W> {
         if size >= SOLO_FILE {
             return match temp.commit(&attrs) {
                 Ok(()) => self.send(&Msg::Done { id, bytes: size }),
-                Err(e) => self.send(&fs_fail(id, &e)),
+                Err(e) => self.send_fs_fail(id, &e),
             };
         }
         let keep_open = self.root()?.durability() == Durability::FsyncEach;
@@ -625,7 +657,7 @@ impl<W: Write> Session<W> {
                 }
                 Ok(())
             }
-            Err(e) => self.send(&fs_fail(id, &e)),
+            Err(e) => self.send_fs_fail(id, &e),
         }
     }
 
@@ -659,7 +691,7 @@ impl<W: Write> Session<W> {
         for ((id, size), r) in ids.into_iter().zip(results) {
             match r {
                 Ok(()) => self.send(&Msg::Done { id, bytes: size })?,
-                Err(e) => self.send(&fs_fail(id, &e))?,
+                Err(e) => self.send_fs_fail(id, &e)?,
             }
         }
         Ok(())
