@@ -424,8 +424,12 @@ impl Cycle {
 
     /// The body of a cycle; `finish` follows whatever happens.
     fn body(&self, opts: &CycleOptions) -> Result<(), CycleError> {
-        self.preflight()?;
+        // The lock first: a cycle refused because another one runs must not
+        // probe services that one has stopped (it warned "not running
+        // before the cycle; it will be started at the end", and started
+        // nothing), and whatever it records afterwards is written locked.
         self.lock()?;
+        self.preflight()?;
         self.file_pass("warm file pass", opts, None)?;
         // Connected before the services stop: the handshakes stay out of
         // the outage.
@@ -562,7 +566,18 @@ impl Cycle {
             warnings: st.warnings.clone(),
         };
         drop(st);
-        self.record(&report);
+        // A cycle refused the lock records nothing: the node records belong
+        // to the cycle holding it, and an unlocked read-modify-write could
+        // lose that cycle's own record (it said "failed: lock" on both
+        // nodes while the other cycle was fine).
+        if self
+            .lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            self.record(&report);
+        }
         // Release the lock before the hooks: they may start another cycle.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.hooks(&report);
