@@ -82,7 +82,6 @@ struct Progress_ {
     /// stop order, not yet started again.
     stopped: Vec<usize>,
     phases: Vec<PhaseTime>,
-    phase: Option<(String, Instant)>,
     outage_start: Option<Instant>,
     outage: Option<f64>,
     files: Vec<FilePass>,
@@ -108,11 +107,19 @@ pub struct Cycle {
     started_at: String,
     started: Instant,
     state: Mutex<Progress_>,
+    /// The phase running now, under its own lock: `state` is held while a
+    /// service stops or starts (minutes, for a Tomcat), and a signal must
+    /// be able to name the phase and stop the cycle at once.
+    phase: Mutex<Option<(String, Instant)>>,
+    /// Set by the signal handler before anything else: from then on no
+    /// service is stopped and no phase begins (a signal during the
+    /// standby's stop used to let the cycle stop the primary as well).
+    interruption: Mutex<Option<CycleError>>,
     lock: Mutex<Option<CycleLock>>,
 }
 
 /// Why a cycle stopped early.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{step}: {detail}")]
 pub struct CycleError {
     pub step: String,
@@ -164,6 +171,8 @@ impl Cycle {
             started_at: state::now(),
             started: Instant::now(),
             state: Mutex::new(Progress_::default()),
+            phase: Mutex::new(None),
+            interruption: Mutex::new(None),
             lock: Mutex::new(None),
         }))
     }
@@ -205,34 +214,43 @@ impl Cycle {
         &*self.transports[i]
     }
 
+    fn phase(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn interruption(&self) -> std::sync::MutexGuard<'_, Option<CycleError>> {
+        self.interruption.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the cycle must not go on: a signal came, or it is finishing.
+    fn aborting(&self, st: &Progress_) -> bool {
+        st.finished || self.interruption().is_some()
+    }
+
     fn begin(&self, phase: &str) -> Result<(), CycleError> {
-        let mut st = self.st();
-        if st.finished {
+        if self.aborting(&self.st()) {
             return Err(err(phase, "the cycle is being aborted"));
         }
-        st.phase = Some((phase.to_string(), Instant::now()));
-        drop(st);
+        *self.phase() = Some((phase.to_string(), Instant::now()));
         self.ui.info(&format!("{} BEGIN {phase}", state::now()));
         Ok(())
     }
 
     fn end(&self) {
-        let mut st = self.st();
-        if let Some((name, t)) = st.phase.take() {
-            let secs = t.elapsed().as_secs_f64();
-            st.phases.push(PhaseTime {
-                name: name.clone(),
-                secs,
-            });
-            drop(st);
-            self.ui
-                .info(&format!("{} END {name} ({secs:.1} s)", state::now()));
-        }
+        let Some((name, t)) = self.phase().take() else {
+            return;
+        };
+        let secs = t.elapsed().as_secs_f64();
+        self.st().phases.push(PhaseTime {
+            name: name.clone(),
+            secs,
+        });
+        self.ui
+            .info(&format!("{} END {name} ({secs:.1} s)", state::now()));
     }
 
     fn current_phase(&self) -> String {
-        self.st()
-            .phase
+        self.phase()
             .as_ref()
             .map(|(n, _)| n.clone())
             .unwrap_or_else(|| "between phases".into())
@@ -346,7 +364,7 @@ impl Cycle {
         // Hold the state lock while stopping: a signal waits for the stop
         // to finish, then starts the service again.
         let mut st = self.st();
-        if st.finished {
+        if self.aborting(&st) {
             return Err(err("quiesce", "the cycle is being aborted"));
         }
         if i == self.primary {
@@ -539,8 +557,12 @@ impl Cycle {
 
     /// The body of a cycle; `finish` follows whatever happens.
     fn body(&self, opts: &CycleOptions) -> Result<(), CycleError> {
-        self.preflight()?;
+        // The lock first: a cycle refused because another one runs must not
+        // probe services that one has stopped (it warned "not running
+        // before the cycle; it will be started at the end", and started
+        // nothing), and whatever it records afterwards is written locked.
         self.lock()?;
+        self.preflight()?;
         self.file_pass("warm file pass", opts, None)?;
         // Connected before the services stop: the handshakes stay out of
         // the outage.
@@ -569,30 +591,39 @@ impl Cycle {
     pub fn run(self: &Arc<Self>, opts: &CycleOptions) -> CycleReport {
         let me = Arc::clone(self);
         crate::signals::set_handler(move |sig| {
+            // Neither lock waits here for a service command: the cycle
+            // stops going on at once, and the message comes at once.
             let phase = me.current_phase();
+            let why = err(
+                &phase,
+                format!("interrupted by {}", crate::signals::name(sig)),
+            );
+            *me.interruption() = Some(why.clone());
             me.ui.warn(&format!(
                 "{} received during {phase}: restarting what was stopped (a second signal aborts at once)",
                 crate::signals::name(sig)
             ));
-            let report = me.finish(
-                Err(err(
-                    &phase,
-                    format!("interrupted by {}", crate::signals::name(sig)),
-                )),
-                true,
-            );
+            let report = me.finish(Err(why));
             me.ui.warn(&summary_line(&report));
             std::process::exit(130);
         });
         let result = self.body(opts);
-        let report = self.finish(result, false);
+        let report = self.finish(result);
         crate::signals::clear_handler();
+        if report.outcome == "interrupted" {
+            // The signal came while this thread was finishing (or about
+            // to); the handler waits in `finish`, so it ends the process
+            // here as it would have: 130, after the summary.
+            self.ui.warn(&summary_line(&report));
+            std::process::exit(130);
+        }
         report
     }
 
     /// Restart what is still stopped (the primary first), record the outcome
-    /// on every node, release the lock, run the hooks. Runs once.
-    pub fn finish(&self, result: Result<(), CycleError>, interrupted: bool) -> CycleReport {
+    /// on every node, release the lock, run the hooks. Runs once. After a
+    /// signal the outcome is "interrupted", whichever thread gets here.
+    pub fn finish(&self, result: Result<(), CycleError>) -> CycleReport {
         {
             let mut st = self.st();
             if st.finished {
@@ -604,8 +635,16 @@ impl Cycle {
             }
             st.finished = true;
         }
+        let interruption = self.interruption().clone();
+        let interrupted = interruption.is_some();
+        // Whatever the body made of it ("the cycle is being aborted", or
+        // nothing), the signal is the reason.
+        let result = match interruption {
+            Some(why) => Err(why),
+            None => result,
+        };
         if let Err(e) = &result {
-            let open = self.st().phase.take();
+            let open = self.phase().take();
             if let Some((phase, t)) = open {
                 let secs = t.elapsed().as_secs_f64();
                 self.st().phases.push(PhaseTime {
@@ -663,7 +702,18 @@ impl Cycle {
             warnings: st.warnings.clone(),
         };
         drop(st);
-        self.record(&report);
+        // A cycle refused the lock records nothing: the node records belong
+        // to the cycle holding it, and an unlocked read-modify-write could
+        // lose that cycle's own record (it said "failed: lock" on both
+        // nodes while the other cycle was fine).
+        if self
+            .lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            self.record(&report);
+        }
         // Release the lock before the hooks: they may start another cycle.
         self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.hooks(&report);

@@ -31,6 +31,16 @@ pub enum ServiceError {
         secs: f64,
         status_cmd: String,
     },
+    /// The command itself did not end in time. Said apart from
+    /// [`ServiceError::Timeout`], whose wording ("the service is still
+    /// not done") fit a hung command badly.
+    #[error("node {node}: `{command}` did not finish within {secs:.0} s (the service's timeout) and was ended; check the service by hand with `{status_cmd}`")]
+    CommandTimeout {
+        node: String,
+        command: String,
+        secs: f64,
+        status_cmd: String,
+    },
     #[error("node {node}: the service runs but {url} did not answer 2xx within the timeout (last: {last})")]
     Unhealthy {
         node: String,
@@ -73,10 +83,9 @@ fn run_command(
     let out = t
         .exec(command, b"", Some(left.max(Duration::from_secs(1))))
         .map_err(|e| match e {
-            crate::transport::TransportError::Timeout { .. } => ServiceError::Timeout {
+            crate::transport::TransportError::Timeout { .. } => ServiceError::CommandTimeout {
                 node: node.name.clone(),
                 command: command.to_string(),
-                state: "not done",
                 secs: svc.timeout.as_secs_f64(),
                 status_cmd: svc.status.clone(),
             },

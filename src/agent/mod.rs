@@ -232,11 +232,27 @@ pub fn serve(
     Ok(())
 }
 
-fn fs_fail(id: u64, e: &FsError) -> Msg {
-    Msg::Fail {
-        id,
-        mismatch: false,
-        message: e.to_string(),
+/// What a `Fail` says about an error under `root`. A full disk (or quota)
+/// is said in words, with the file system and what to do: the bare OS
+/// error ("cannot write `.x.hasync-….tmp`: No space left on device (os
+/// error 28)") named a temporary file and neither the place nor the remedy.
+fn fail_message(
+    root: Option<&std::path::Path>,
+    kind: Option<std::io::ErrorKind>,
+    e: &dyn std::fmt::Display,
+) -> String {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    match (kind, root) {
+        (Some(k @ (StorageFull | QuotaExceeded)), Some(root)) => format!(
+            "no space left on {}{} ({e}); free space there or enlarge that file system, then run again",
+            root.display(),
+            if k == QuotaExceeded {
+                " (disk quota exceeded)"
+            } else {
+                ""
+            },
+        ),
+        _ => e.to_string(),
     }
 }
 
@@ -245,6 +261,15 @@ impl<W: Write> Session<W> {
         self.root
             .as_ref()
             .ok_or_else(|| AgentError::Refused("the client sent a request before Hello".into()))
+    }
+
+    fn send_fs_fail(&mut self, id: u64, e: &FsError) -> Result<(), AgentError> {
+        let kind = e.io_error().map(std::io::Error::kind);
+        self.send(&Msg::Fail {
+            id,
+            mismatch: false,
+            message: fail_message(self.root.as_ref().map(Root::path), kind, e),
+        })
     }
 
     fn send(&mut self, m: &Msg) -> Result<(), AgentError> {
@@ -385,7 +410,7 @@ impl<W: Write> Session<W> {
                         }
                         self.send(&Msg::Done { id, bytes: 0 })?;
                     }
-                    Err(e) => self.send(&fs_fail(id, &e))?,
+                    Err(e) => self.send_fs_fail(id, &e)?,
                 }
             }
             // Normally handled before decoding (see serve).
@@ -486,7 +511,7 @@ impl<W: Write> Session<W> {
     fn reply(&mut self, id: u64, r: Result<(), FsError>) -> Result<(), AgentError> {
         match r {
             Ok(()) => self.send(&Msg::Done { id, bytes: 0 }),
-            Err(e) => self.send(&fs_fail(id, &e)),
+            Err(e) => self.send_fs_fail(id, &e),
         }
     }
 
@@ -509,7 +534,7 @@ impl<W: Write> Session<W> {
         };
         if cleanup {
             if let Err(e) = self.root()?.remove_leftovers() {
-                return self.send(&fs_fail(id, &e));
+                return self.send_fs_fail(id, &e);
             }
         }
         let exclude =
@@ -528,7 +553,7 @@ impl<W: Write> Session<W> {
                     bytes: scan.skipped.len() as u64,
                 })?;
             }
-            Err(e) => self.send(&fs_fail(id, &e))?,
+            Err(e) => self.send_fs_fail(id, &e)?,
         }
         Ok(())
     }
@@ -558,7 +583,7 @@ impl<W: Write> Session<W> {
                     message: "vanished before it could be read".into(),
                 })
             }
-            Err(e) => return self.send(&fs_fail(id, &e)),
+            Err(e) => return self.send_fs_fail(id, &e),
         };
         let stamp = |f: &std::fs::File| {
             use std::os::unix::fs::MetadataExt;
@@ -636,7 +661,7 @@ impl<W: Write> Session<W> {
             Ok(w) => self.writing = Some(w),
             Err(e) => {
                 self.writing = Some(Writing::Failed { id });
-                self.send(&fs_fail(id, &e))?;
+                self.send_fs_fail(id, &e)?;
             }
         }
         Ok(())
@@ -644,12 +669,18 @@ impl<W: Write> Session<W> {
 
     fn data(&mut self, id: u64, bytes: &[u8]) -> Result<(), AgentError> {
         let result = match &mut self.writing {
-            Some(Writing::Whole { id: wid, temp, .. }) if *wid == id => {
-                temp.write_all(bytes).map_err(|e| e.to_string())
-            }
+            Some(Writing::Whole { id: wid, temp, .. }) if *wid == id => temp
+                .write_all(bytes)
+                .map_err(|e| (Some(e.kind()), e.to_string())),
             Some(Writing::Delta {
                 id: wid, applier, ..
-            }) if *wid == id => applier.push(bytes).map_err(|e| e.to_string()),
+            }) if *wid == id => applier.push(bytes).map_err(|e| {
+                let kind = match &e {
+                    crate::sync::delta::DeltaError::Io(io) => Some(io.kind()),
+                    _ => None,
+                };
+                (kind, e.to_string())
+            }),
             Some(Writing::Failed { id: wid }) if *wid == id => Ok(()),
             _ => {
                 // Signature chunks for a coming DeltaReq: capped for the
@@ -668,12 +699,13 @@ impl<W: Write> Session<W> {
                 Ok(())
             }
         };
-        if let Err(message) = result {
+        if let Err((kind, message)) = result {
             self.writing = Some(Writing::Failed { id });
+            let root = self.root.as_ref().map(Root::path);
             self.send(&Msg::Fail {
                 id,
                 mismatch: false,
-                message,
+                message: fail_message(root, kind, &message),
             })?;
         }
         Ok(())
@@ -731,7 +763,7 @@ impl<W: Write> Session<W> {
         if size >= SOLO_FILE {
             return match temp.commit(&attrs) {
                 Ok(()) => self.send(&Msg::Done { id, bytes: size }),
-                Err(e) => self.send(&fs_fail(id, &e)),
+                Err(e) => self.send_fs_fail(id, &e),
             };
         }
         let keep_open = self.root()?.durability() == Durability::FsyncEach;
@@ -747,7 +779,7 @@ impl<W: Write> Session<W> {
                 }
                 Ok(())
             }
-            Err(e) => self.send(&fs_fail(id, &e)),
+            Err(e) => self.send_fs_fail(id, &e),
         }
     }
 
@@ -781,7 +813,7 @@ impl<W: Write> Session<W> {
         for ((id, size), r) in ids.into_iter().zip(results) {
             match r {
                 Ok(()) => self.send(&Msg::Done { id, bytes: size })?,
-                Err(e) => self.send(&fs_fail(id, &e))?,
+                Err(e) => self.send_fs_fail(id, &e)?,
             }
         }
         Ok(())

@@ -2,8 +2,12 @@
 //! `Test::new().args(..)`: every integration test drives the binary the way a
 //! sysadmin would, and a failed assertion prints the whole run.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 pub struct Hasync {
     cmd: Command,
@@ -77,6 +81,93 @@ impl Running {
     pub fn wait(self) -> Run {
         let out = self.child.wait_with_output().expect("waiting for hasync");
         Run::new(self.line, out)
+    }
+
+    /// Read its stderr line by line while it runs, for a test that acts
+    /// when hasync reaches a point (a `BEGIN <phase>` line, say).
+    pub fn follow(mut self) -> Following {
+        let stderr = self.child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel::<String>();
+        let reader = thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                all += &line;
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        Following {
+            running: self,
+            lines,
+            seen: RefCell::new(String::new()),
+            reader,
+        }
+    }
+}
+
+/// A [`Running`] hasync whose stderr is read as it comes.
+pub struct Following {
+    running: Running,
+    lines: Receiver<String>,
+    /// The lines handed out so far, for failure messages.
+    seen: RefCell<String>,
+    reader: JoinHandle<String>,
+}
+
+impl Following {
+    pub fn pid(&self) -> u32 {
+        self.running.child.id()
+    }
+
+    /// Whether the process has ended (it is not reaped here).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.running.child.try_wait(), Ok(None))
+    }
+
+    /// Send it a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the child this test spawned and has not reaped.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// The next line of stderr; `None` at its end or after `timeout`.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        let mut seen = self.seen.borrow_mut();
+        seen.push_str(&line);
+        seen.push('\n');
+        Some(line)
+    }
+
+    /// Wait for a line of stderr containing `needle` and return it; panics
+    /// with what was seen if stderr ends or `timeout` passes first.
+    #[track_caller]
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_line(left) {
+                Some(line) if line.contains(needle) => return line,
+                Some(_) => {}
+                None => panic!(
+                    "`{}` printed no line with {needle:?}:\n{}",
+                    self.running.line,
+                    self.seen.borrow()
+                ),
+            }
+        }
+    }
+
+    /// Wait for the end; the [`Run`] has the whole stderr.
+    pub fn wait(self) -> Run {
+        let mut run = self.running.wait();
+        run.stderr = self.reader.join().expect("the stderr reader");
+        run
     }
 }
 

@@ -13,6 +13,18 @@ use crate::setup::Setup;
 /// stopped, whatever this test did (or where it panicked).
 pub struct AppsStopped;
 
+impl AppsStopped {
+    /// Start both fake applications; they are stopped again when the guard
+    /// drops.
+    pub fn start_both() -> AppsStopped {
+        let guard = AppsStopped;
+        for n in &cluster().nodes {
+            n.app.start();
+        }
+        guard
+    }
+}
+
 impl Drop for AppsStopped {
     fn drop(&mut self) {
         // Never panic here: a panic while unwinding aborts the whole run.
@@ -54,15 +66,30 @@ pub fn cycle_setup(label: &str, db: &str) -> Setup {
     s
 }
 
+/// A cycle on engine `e`: the primary's database has the small schema and,
+/// with `rows` > 0, a table `big` of that many rows; the mirror has no
+/// such database yet.
+pub fn engine_cycle_setup(e: Engine, label: &str, db: &str, rows: u32) -> Setup {
+    let mut s = Setup::exclusive(label);
+    s.engine = Some(e.name());
+    s.db_name = db.to_string();
+    fresh_db(e, 0, db);
+    drop_dbs(e, 1, db);
+    as_okm(e, 0, db, crate::db::small_schema(e));
+    if rows > 0 {
+        crate::db::big_table(e, 0, db, rows);
+    }
+    crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
+    s
+}
+
 #[test]
 fn a_cycle_copies_files_and_database_and_restarts_both() {
     let db = "okmdb_cycle";
     let s = cycle_setup("cycle-basic", db);
     let cfg = s.write();
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
+    let _apps = AppsStopped::start_both();
     let run = hasync().config(&cfg).args(["sync"]).run();
     run.code(0)
         .stderr_has("BEGIN warm file pass")
@@ -122,9 +149,7 @@ fn a_failing_cycle_restarts_what_it_stopped() {
         vec!["UPDATE OKM_CONFIG SET CFG_VALUE = 'true' WHERE CFG_KEY = 'system.readonly'".into()];
     let cfg = s.write();
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
+    let _apps = AppsStopped::start_both();
     let run = hasync().config(&cfg).args(["sync"]).run();
     run.code(1)
         .stderr_has("cycle failed")
@@ -142,57 +167,6 @@ fn a_failing_cycle_restarts_what_it_stopped() {
             "{r}"
         );
     }
-    drop_dbs(Engine::Mysql, 0, db);
-    drop_dbs(Engine::Mysql, 1, db);
-}
-
-/// SIGTERM in the database phase: exit 130, both services running again,
-/// the record says interrupted, and the lock is free (a new cycle runs).
-/// Meanwhile a second cycle is refused, naming the holder.
-#[test]
-fn sigterm_restarts_and_a_second_cycle_is_refused() {
-    let db = "okmdb_cycle_sig";
-    let s = cycle_setup("cycle-sig", db);
-    crate::db::big_table(Engine::Mysql, 0, db, 400_000);
-    let cfg = s.write();
-    let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
-    let running = hasync().config(&cfg).args(["sync"]).spawn();
-    let staging = format!("{db}__hasync_new");
-    crate::db::wait_until("the database phase", Duration::from_secs(120), || {
-        crate::db::databases(Engine::Mysql, 1, db).contains(&staging)
-    });
-    assert!(
-        !c.nodes[0].app.is_running(),
-        "the primary is quiesced during the database phase"
-    );
-
-    let second = hasync().config(&cfg).args(["sync"]).run();
-    second
-        .code(1)
-        .stderr_has("another replication cycle is running")
-        .stderr_has(&format!("pid {}", running.child.id()));
-
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(running.child.id() as i32, libc::SIGTERM) };
-    let run = running.wait();
-    assert_eq!(run.code, 130, "{}", run.stderr);
-    assert!(
-        run.stderr.contains("SIGTERM received during database"),
-        "{}",
-        run.stderr
-    );
-    assert!(c.nodes[0].app.is_running(), "primary restarted");
-    assert!(c.nodes[1].app.is_running(), "standby restarted");
-    for i in 0..2 {
-        let r = record(&s, i);
-        assert_eq!(r["last_cycle"]["outcome"], "interrupted", "{r}");
-    }
-    // The lock went with the process: the next cycle runs and converges.
-    hasync().config(&cfg).args(["sync"]).run().code(0);
-    assert_eq!(record(&s, 1)["last_cycle"]["outcome"], "ok");
     drop_dbs(Engine::Mysql, 0, db);
     drop_dbs(Engine::Mysql, 1, db);
 }
@@ -220,32 +194,15 @@ fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
 
     std::fs::write(&cfg, text.replace("30 2 * * 0", "* * * * *")).unwrap();
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
-    let mut daemon = hasync().config(&cfg).args(["schedule"]).spawn();
+    let _apps = AppsStopped::start_both();
+    let daemon = hasync().config(&cfg).args(["schedule"]).spawn().follow();
     // Follow its log: after a cycle ended ok, it says when the next one is
     // and sleeps; that is when SIGTERM must stop it cleanly.
-    let stderr = daemon.child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            all += &line;
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
     let deadline = std::time::Instant::now() + Duration::from_secs(200);
     let mut cycle_ok = false;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).expect("the scheduler's log");
+        let line = daemon.next_line(left).expect("the scheduler's log");
         if line.starts_with("cycle ok") {
             cycle_ok = true;
         } else if cycle_ok && line.starts_with("next cycle at") {
@@ -261,10 +218,9 @@ fn the_scheduler_fires_cycles_and_stops_on_sigterm() {
             cycle_ok = false;
         }
     }
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    daemon.signal(libc::SIGTERM);
     let run = daemon.wait();
-    let log = reader.join().unwrap();
+    let log = &run.stderr;
     assert_eq!(run.code, 0, "{log}");
     assert!(log.contains("stopping the scheduler"), "{log}");
     assert_eq!(record(&s, 1)["last_cycle"]["outcome"], "ok");
@@ -283,9 +239,7 @@ fn a_dry_run_cycle_changes_nothing() {
     let s = cycle_setup("cycle-dry", db);
     let cfg = s.write();
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
+    let _apps = AppsStopped::start_both();
     let pids = (c.nodes[0].app.pid(), c.nodes[1].app.pid());
     let run = hasync().config(&cfg).args(["sync", "--dry-run"]).run();
     run.code(0)
@@ -326,14 +280,7 @@ fn early_restart_on_mysql() {
 
 fn early_restart_and_the_success_hook(e: Engine) {
     let db = &format!("okmdb_cycle_early_{}", e.name());
-    let mut s = Setup::exclusive(&format!("cycle-early-{}", e.name()));
-    s.engine = Some(e.name());
-    s.db_name = db.to_string();
-    fresh_db(e, 0, db);
-    drop_dbs(e, 1, db);
-    as_okm(e, 0, db, crate::db::small_schema(e));
-    crate::db::big_table(e, 0, db, 200_000);
-    crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
+    let s = engine_cycle_setup(e, &format!("cycle-early-{}", e.name()), db, 200_000);
     let cfg = s.write();
     let hook_out = s.dir.join("hook.out");
     let hook = s.dir.join("hook.sh");
@@ -352,9 +299,7 @@ fn early_restart_and_the_success_hook(e: Engine) {
         + &format!("\n[hooks]\non_success = \"{}\"\n", hook.display());
     std::fs::write(&cfg, text).unwrap();
     let c = cluster();
-    let _apps = AppsStopped;
-    c.nodes[0].app.start();
-    c.nodes[1].app.start();
+    let _apps = AppsStopped::start_both();
     let run = hasync().config(&cfg).args(["sync"]).run();
     run.code(0).stderr_has("starting the primary early");
     // The primary was started before the database phase ended.

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::cmd::hasync;
+use crate::cmd::{hasync, Run, Running};
 use crate::harness::{cluster, scrub_env, Node, DB_USER};
 use crate::setup::Setup;
 
@@ -364,7 +364,7 @@ pub fn big_table(e: Engine, i: usize, db: &str, rows: u32) {
 }
 
 /// Every process's command line, as (pid, arguments joined by spaces).
-fn command_lines() -> Vec<(u32, String)> {
+pub fn command_lines() -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -400,7 +400,7 @@ fn loader_pid(e: Engine, staging: &str) -> Option<u32> {
 
 /// Whether rows of `big` are being loaded into staging (MySQL: an INSERT
 /// into it is running; PostgreSQL: its COPY has processed rows).
-fn staging_rows(e: Engine, staging: &str) -> u64 {
+pub fn staging_rows(e: Engine, staging: &str) -> u64 {
     let pw = &cluster().db_password;
     let r = match e {
         // mariadb-dump wraps the INSERTs in LOCK TABLES: count(*) would wait
@@ -477,6 +477,57 @@ fn load_killed_midway_postgres() {
     load_killed_midway(Engine::Postgres);
 }
 
+/// The /proc scan of [`watch_command_lines`] can see `secret` on a command
+/// line (a canary process shows it), so its silence means something.
+pub fn prove_the_scan_sees(secret: &str) {
+    let mut canary = Command::new("sh")
+        .args(["-c", "sleep 30", "sh", secret])
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the /proc scan to see a canary's command line",
+        Duration::from_secs(10),
+        || command_lines().iter().any(|(_, l)| l.contains(secret)),
+    );
+    canary.kill().unwrap();
+    canary.wait().unwrap();
+}
+
+/// Scan every process's command line for `secret` until `running` ends,
+/// then check its output at whatever verbosity it was given. The vendor
+/// dump tool of `e` must have been seen running, or the scan proved
+/// nothing.
+pub fn watch_command_lines(e: Engine, mut running: Running, secret: &str) -> Run {
+    let dump_tool = match e {
+        Engine::Mysql => "mariadb-dump",
+        Engine::Postgres => "pg_dump",
+    };
+    let mut seen_dump = false;
+    let mut scans = 0;
+    while running.child.try_wait().unwrap().is_none() {
+        for (pid, line) in command_lines() {
+            assert!(
+                !line.contains(secret),
+                "password on the command line of pid {pid}: {line}"
+            );
+            seen_dump |= line.contains(dump_tool)
+                && (line.contains("--defaults-extra-file") || line.contains("--snapshot="));
+        }
+        scans += 1;
+    }
+    let run = running.wait();
+    assert!(
+        seen_dump,
+        "never saw {dump_tool} running ({scans} scans): the check proved nothing"
+    );
+    assert!(
+        !run.stdout.contains(secret) && !run.stderr.contains(secret),
+        "password in the output of `{}`",
+        run.line
+    );
+    run
+}
+
 /// No password on any process's command line while dumps and loads run,
 /// nor in the output at the highest verbosity, nor left on disk.
 #[test]
@@ -491,18 +542,7 @@ fn passwords_never_on_a_command_line() {
     // Exclusive: other tests' helpers pass the password to clients on their
     // command lines (tests only), which this scan would see.
     let _lock = cluster().lock();
-    // The scan itself must be able to see a secret on a command line.
-    let mut canary = Command::new("sh")
-        .args(["-c", "sleep 30", "sh", &pw])
-        .spawn()
-        .unwrap();
-    wait_until(
-        "the /proc scan to see a canary's command line",
-        Duration::from_secs(10),
-        || command_lines().iter().any(|(_, l)| l.contains(&pw)),
-    );
-    canary.kill().unwrap();
-    canary.wait().unwrap();
+    prove_the_scan_sees(&pw);
 
     for e in [Engine::Mysql, Engine::Postgres] {
         let db = format!("okmdb_proc_{}", e.name());
@@ -510,37 +550,11 @@ fn passwords_never_on_a_command_line() {
         s.engine = Some(e.name());
         s.db_name = db.clone();
         let cfg = s.write();
-        let mut running = hasync()
+        let running = hasync()
             .config(&cfg)
             .args(["-vvv", "sync", "--db-only"])
             .spawn();
-        let dump_tool = match e {
-            Engine::Mysql => "mariadb-dump",
-            Engine::Postgres => "pg_dump",
-        };
-        let mut seen_dump = false;
-        let mut scans = 0;
-        while running.child.try_wait().unwrap().is_none() {
-            for (pid, line) in command_lines() {
-                assert!(
-                    !line.contains(&pw),
-                    "password on the command line of pid {pid}: {line}"
-                );
-                seen_dump |= line.contains(dump_tool)
-                    && (line.contains("--defaults-extra-file") || line.contains("--snapshot="));
-            }
-            scans += 1;
-        }
-        let run = running.wait();
-        run.code(0);
-        assert!(
-            seen_dump,
-            "never saw {dump_tool} running ({scans} scans): the check proved nothing"
-        );
-        assert!(
-            !run.stdout.contains(&pw) && !run.stderr.contains(&pw),
-            "password in the output"
-        );
+        watch_command_lines(e, running, &pw).code(0);
         for dir in &s.state_dirs {
             let leftovers: Vec<_> = std::fs::read_dir(dir)
                 .map(|d| d.flatten().map(|e| e.file_name()).collect())

@@ -13,6 +13,7 @@ mod config_errors;
 mod cycle;
 mod db;
 mod doctor;
+mod faults;
 mod faults_data;
 mod filter_rsync;
 mod harness;
