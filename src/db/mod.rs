@@ -235,7 +235,12 @@ pub fn mysql_error(db: &Database, e: ::mysql::Error) -> DbError {
             engine: db.engine,
             host: db.host.clone(),
             port: db.port,
-            detail: e.to_string(),
+            detail: match &e {
+                // The crate's Display of an I/O error is its Debug form
+                // ("IoError { server disconnected }").
+                ::mysql::Error::IoError(io) => io.to_string(),
+                _ => e.to_string(),
+            },
         },
     }
 }
