@@ -73,6 +73,9 @@ pub struct CycleReport {
     pub databases: Vec<DbSummary>,
     /// Services that could not be started again, with why.
     pub still_down: Vec<String>,
+    /// A switchover got past its point of no return: the standby's record
+    /// says primary (whatever failed after that).
+    pub roles_swapped: bool,
     pub warnings: Vec<String>,
 }
 
@@ -700,6 +703,7 @@ impl Cycle {
             databases: st.databases.clone(),
             still_down,
             warnings: st.warnings.clone(),
+            roles_swapped: self.switched.load(std::sync::atomic::Ordering::SeqCst),
         };
         drop(st);
         // A cycle refused the lock records nothing: the node records belong

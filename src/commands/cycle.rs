@@ -95,8 +95,14 @@ fn run_cycle(
     }
     let line = cycle::summary_line(&report);
     if report.outcome != "ok" {
+        if report.roles_swapped {
+            bail!(
+                "the roles were swapped ({target} is the primary at epoch {}, {primary} its standby), but: {line}",
+                epoch + 1
+            );
+        }
         if opts.switchover {
-            bail!("switchover failed: {line}");
+            bail!("switchover failed, the roles are unchanged ({primary} is the primary): {line}");
         }
         bail!("{line}");
     }

@@ -396,7 +396,7 @@ fn switchover_there_and_back_keeps_every_document() {
     let failed = hasync().config(&bad_cfg).args(["switchover"]).run();
     failed
         .code(1)
-        .stderr_has("switchover failed")
+        .stderr_has("switchover failed, the roles are unchanged (okm2 is the primary)")
         .stderr_has("nothing was swapped: okm2 stays the primary");
     assert_eq!(role_of(&s, 1), ("primary".into(), 2));
     assert_eq!(role_of(&s, 0), ("standby".into(), 2));
