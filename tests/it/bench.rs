@@ -477,6 +477,8 @@ struct Sample {
     transfer: Option<f64>,
     /// Directories whose mtime differed from the source's after the run.
     dir_mtimes: usize,
+    /// hasync: connections to the standby that carried files.
+    lanes: Option<u64>,
 }
 
 impl Sample {
@@ -676,6 +678,7 @@ impl Bench {
                     scan: s["scan_secs"].as_f64(),
                     transfer: s["transfer_secs"].as_f64(),
                     dir_mtimes: 0,
+                    lanes: s["standby_lanes"].as_u64(),
                 }
             }
             Tool::Rsync { extra } => {
@@ -717,6 +720,7 @@ impl Bench {
                     scan: None,
                     transfer: None,
                     dir_mtimes: 0,
+                    lanes: None,
                 }
             }
         }
@@ -989,7 +993,11 @@ fn round(
             fmt_bytes(s.wire()),
             fmt_rss(s.max_rss()),
             s.scan
-                .map(|sc| format!("scan {sc:.2}s transfer {:.2}s", s.transfer.unwrap_or(0.0)))
+                .map(|sc| format!(
+                    "scan {sc:.2}s transfer {:.2}s lanes {}",
+                    s.transfer.unwrap_or(0.0),
+                    s.lanes.unwrap_or(1)
+                ))
                 .unwrap_or_default()
         );
         let _ = std::io::stdout().flush();

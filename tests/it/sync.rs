@@ -571,3 +571,59 @@ fn progress_is_logged_in_plain_lines_without_a_terminal() {
     r.code(0);
     assert!(r.stderr.is_empty(), "-q printed: {}", r.stderr);
 }
+
+#[test]
+fn a_large_transfer_goes_over_two_standby_connections_and_mirrors_exactly() {
+    let s = files_only("sync-lanes");
+    let cfg = s.write();
+    let (src, dst) = (&s.roots[0], &s.roots[1]);
+    // Above the engine's threshold for a second agent on the standby
+    // (2,000 files): new directories, which the first connection creates
+    // before the second may write into them.
+    for i in 0..2_400u32 {
+        let rel = format!("d{:02}/e{:02}/f{i:05}.txt", i % 37, i % 11);
+        write(
+            src,
+            &rel,
+            format!("file {i}\n").repeat(1 + i as usize % 50).as_bytes(),
+        );
+    }
+    symlink("d00/e00/f00000.txt", src.join("link")).unwrap();
+    write(dst, "stale/old.txt", b"old");
+    let lanes = |r: &crate::cmd::Run| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        v[0]["summary"]["standby_lanes"].as_u64().unwrap()
+    };
+    let r = sync(&cfg, &["--json"]);
+    r.code(0);
+    assert_eq!(lanes(&r), 2, "{}", r.stdout);
+    assert_same_tree(src, dst);
+
+    // Updates (deltas: signatures from both connections), deletes, creates.
+    for i in (0..2_400u32).filter(|i| i % 7 != 0) {
+        let rel = format!("d{:02}/e{:02}/f{i:05}.txt", i % 37, i % 11);
+        let mut c = std::fs::read(src.join(&rel)).unwrap();
+        c.extend_from_slice(b"appended\n");
+        write(src, &rel, &c);
+        age(src, &rel, 50);
+    }
+    for i in (0..2_400u32).filter(|i| i % 7 == 0) {
+        std::fs::remove_file(src.join(format!("d{:02}/e{:02}/f{i:05}.txt", i % 37, i % 11)))
+            .unwrap();
+    }
+    write(src, "new/dir/file.txt", b"new");
+    let r = sync(&cfg, &["--json"]);
+    r.code(0);
+    assert_eq!(lanes(&r), 2, "{}", r.stdout);
+    assert_same_tree(src, dst);
+    assert!(
+        !snapshot(dst).keys().any(|k| k.contains(".hasync-")),
+        "temp files left"
+    );
+    // Small runs keep one connection.
+    write(src, "one.txt", b"one");
+    let r = sync(&cfg, &["--json"]);
+    r.code(0);
+    assert_eq!(lanes(&r), 1, "{}", r.stdout);
+    assert_same_tree(src, dst);
+}
