@@ -44,13 +44,7 @@ pub struct Conn {
     /// Called after the session to collect the agent's fate (exit status,
     /// stderr); returns an error message if it failed.
     pub finish: Box<dyn FnOnce() -> Option<String> + Send>,
-    /// Starts another agent on the same node (a second lane for a large
-    /// transfer to the standby, see [`LANE_MIN_FILES`]), if possible.
-    pub reopen: Option<Reopen>,
 }
-
-/// Opens one more connection to a node's agent.
-pub type Reopen = Arc<dyn Fn() -> Result<Conn, SyncError> + Send + Sync>;
 
 impl Conn {
     /// Agents on both nodes, started at once: each may cost an SSH
@@ -72,7 +66,6 @@ impl Conn {
     pub fn local(node: &str, state_dir: &str) -> std::io::Result<Conn> {
         let (a, b) = std::os::unix::net::UnixStream::pair()?;
         let b2 = b.try_clone()?;
-        let (name, dir) = (node.to_string(), state_dir.to_string());
         let state_dir = std::path::PathBuf::from(state_dir);
         let handle = std::thread::Builder::new()
             .name(format!("agent-{node}"))
@@ -87,12 +80,6 @@ impl Conn {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("the local agent thread panicked".into()),
             }),
-            reopen: Some(Arc::new(move || {
-                Conn::local(&name, &dir).map_err(|e| SyncError::Agent {
-                    node: name.clone(),
-                    message: format!("cannot start the local agent: {e}"),
-                })
-            })),
         })
     }
 }
@@ -140,9 +127,7 @@ impl Conn {
         let reader = std::mem::replace(&mut p.stdout, Box::new(std::io::empty()));
         let name = node.name.clone();
         let agent_path = node.agent_path.clone();
-        let again = node.clone();
         Ok(Conn {
-            reopen: Some(Arc::new(move || Conn::open(&again))),
             node: node.name.clone(),
             reader,
             writer,
@@ -212,9 +197,6 @@ pub struct Summary {
     pub scan_secs: f64,
     pub transfer_secs: f64,
     pub skipped_special: u64,
-    /// Connections to the standby that carried files (2 for a large
-    /// transfer, see [`LANE_MIN_FILES`]).
-    pub standby_lanes: u32,
 }
 
 /// Why a run failed. Every message names the node and what to do.
@@ -314,7 +296,6 @@ struct Side {
     reader: Reader,
     writer: Writer,
     finish: Box<dyn FnOnce() -> Option<String> + Send>,
-    reopen: Option<Reopen>,
     superuser: bool,
     /// The agent already said Bye (the source does at the end of a transfer).
     closed: bool,
@@ -345,7 +326,6 @@ impl Side {
                 },
             ),
             finish: c.finish,
-            reopen: c.reopen,
             superuser: false,
             closed: false,
             received,
@@ -480,14 +460,7 @@ pub fn run(
         return Ok(Outcome { plan, summary });
     }
     let t1 = Instant::now();
-    execute(
-        &mut src,
-        &mut dst,
-        (&opts.dst_root, opts.epoch),
-        &plan,
-        &mut summary,
-        progress,
-    )?;
+    execute(&mut src, &mut dst, &plan, &mut summary, progress)?;
     summary.transfer_secs = t1.elapsed().as_secs_f64();
     close(src, dst, &mut summary)?;
     Ok(Outcome { plan, summary })
@@ -521,8 +494,8 @@ fn close(mut src: Side, mut dst: Side, summary: &mut Summary) -> Result<(), Sync
             }
         }
     }
-    summary.wire_sent += dst.sent.load(Ordering::Relaxed);
-    summary.wire_received += dst.received.load(Ordering::Relaxed);
+    summary.wire_sent = dst.sent.load(Ordering::Relaxed);
+    summary.wire_received = dst.received.load(Ordering::Relaxed);
     drop(src.writer);
     drop(dst.writer);
     for (node, finish) in [(src.node, src.finish), (dst.node, dst.finish)] {
@@ -582,26 +555,8 @@ fn recv_raw(node: &str, step: &'static str, r: &mut Reader) -> Result<Vec<u8>, S
     Ok(raw)
 }
 
-/// A request id that only wakes a standby reader.
+/// A request id that only wakes the standby's reader.
 const WAKE: u64 = u64::MAX;
-
-/// A transfer of at least this many files (or [`LANE_MIN_BYTES`]) gets a
-/// second connection to the standby ("lane"): a second agent there, with
-/// its own SSH channel, so that the standby's share of the work (receiving,
-/// writing, hashing, creating inodes, committing batches; signatures and
-/// deltas for updates) runs on two CPUs instead of one. Each lane is a
-/// complete agent session of its own (Hello with the epoch, atomic verified
-/// writes, batched durability); the client splits the files between them.
-const LANE_MIN_FILES: usize = 2000;
-const LANE_MIN_BYTES: u64 = 256 << 20;
-/// Until the second lane may take files (it is connected, and the standby
-/// has created every directory of the plan: the first lane does that, before
-/// any file), file requests go to the first lane, at most this many ahead
-/// of what the source has started sending, so that the rest can still be
-/// split.
-const LANE_WINDOW: usize = 256;
-/// Per-file cost, in bytes, when balancing files between lanes.
-const LANE_FILE_COST: u64 = 64 << 10;
 
 /// What the pipeline knows about each request id.
 #[derive(Clone)]
@@ -615,11 +570,6 @@ struct Job {
     /// The source disowned the data it sent: the file changed while it was
     /// being read (a `Fail` marked `mismatch` from the source agent).
     changed: bool,
-    /// Which connection to the standby carries it.
-    lane: usize,
-    /// A delete, directory, symlink or attribute change, sent before any
-    /// file (always on lane 0).
-    pre: bool,
 }
 
 /// A file changed or vanished on the source between the scan and the end
@@ -664,15 +614,6 @@ fn changed_while_read(
 struct State {
     jobs: HashMap<u64, Job>,
     outstanding: usize,
-    /// Pre-file operations not yet answered (the second lane waits for 0).
-    pre_ops: usize,
-    /// File jobs whose first frame came from the source.
-    src_seen: usize,
-    /// The channel to each lane's writer (lane 0 first); a lane joins only
-    /// while work is outstanding.
-    lanes: Vec<mpsc::SyncSender<Out>>,
-    /// The second lane could not be opened (or is not wanted any more).
-    lane_gone: bool,
     failures: Vec<String>,
     fatal: Option<SyncError>,
     literal: u64,
@@ -680,20 +621,6 @@ struct State {
     resent: u64,
     changed: u64,
     next_id: u64,
-}
-
-impl State {
-    /// The channels of every lane, to wake their readers (after unlocking:
-    /// a send may block on a full channel).
-    fn wake_list(&self) -> Vec<mpsc::SyncSender<Out>> {
-        self.lanes.clone()
-    }
-}
-
-fn wake(lanes: Vec<mpsc::SyncSender<Out>>) {
-    for tx in lanes {
-        let _ = tx.send(Out::Frame(Msg::Sync { id: WAKE }.encode()));
-    }
 }
 
 enum Out {
@@ -736,220 +663,9 @@ fn writer_thread(
     })
 }
 
-/// Takes a side's writer away (for its writer thread), leaving a sink.
-fn take_writer(side: &mut Side) -> Writer {
-    std::mem::replace(
-        &mut side.writer,
-        BufWriter::new(Counted {
-            inner: Box::new(std::io::sink()),
-            count: Arc::default(),
-        }),
-    )
-}
-
-/// Reads one standby connection during the transfer: completions,
-/// signatures, retries. Returns when nothing is outstanding any more, or
-/// the run failed.
-fn lane_reader(
-    node: &str,
-    reader: &mut Reader,
-    state: &Mutex<State>,
-    to_src: &mpsc::Sender<Out>,
-    progress: &dyn Progress,
-) {
-    let frame = |m: &Msg| Out::Frame(m.encode());
-    let mut buf = Vec::new();
-    loop {
-        let msg = match recv(node, "file transfer", reader, &mut buf) {
-            Ok(m) => m,
-            Err(e) => {
-                let mut st = state.lock().expect("state lock");
-                if st.fatal.is_none() {
-                    st.fatal = Some(e);
-                    let lanes = st.wake_list();
-                    drop(st);
-                    wake(lanes);
-                }
-                return;
-            }
-        };
-        let mut st = state.lock().expect("state lock");
-        if st.fatal.is_some() {
-            return;
-        }
-        match msg {
-            // Signature chunks: pass to the source for its delta.
-            Msg::Data { id, bytes } => {
-                drop(st);
-                let _ = to_src.send(frame(&Msg::Data { id, bytes }));
-            }
-            Msg::Done { id, .. } => {
-                let Some(job) = st.jobs.get(&id).cloned() else {
-                    // A wake-up: once nothing is left, or the run failed.
-                    if st.outstanding == 0 {
-                        return;
-                    }
-                    continue;
-                };
-                if job.delta && !job.begun {
-                    // The signature is complete: ask for the delta.
-                    drop(st);
-                    let _ = to_src.send(frame(&Msg::DeltaReq {
-                        id,
-                        path: job.entry.path,
-                    }));
-                } else {
-                    st.jobs.remove(&id);
-                    st.outstanding -= 1;
-                    if job.pre {
-                        st.pre_ops -= 1;
-                    }
-                    let done = st.outstanding == 0;
-                    let lanes = if done { st.wake_list() } else { Vec::new() };
-                    drop(st);
-                    progress.done(
-                        &job.entry.path,
-                        if job.entry.kind == Kind::File {
-                            job.entry.size
-                        } else {
-                            0
-                        },
-                    );
-                    if done {
-                        // The other lanes' readers wait for an answer.
-                        wake(lanes);
-                        return;
-                    }
-                }
-            }
-            Msg::Fail {
-                id,
-                mismatch,
-                message,
-            } => {
-                let Some(job) = st.jobs.get(&id).cloned() else {
-                    continue;
-                };
-                if job.changed {
-                    if let Some(again) = changed_while_read(&mut st, id, &message, progress) {
-                        drop(st);
-                        let _ = to_src.send(frame(&again));
-                    } else if st.outstanding == 0 {
-                        let lanes = st.wake_list();
-                        drop(st);
-                        wake(lanes);
-                        return;
-                    }
-                    continue;
-                }
-                let path = String::from_utf8_lossy(&job.entry.path).into_owned();
-                if job.entry.kind == Kind::File
-                    && ((job.delta && !job.begun) || (mismatch && !job.resent))
-                {
-                    // No usable base, or a content check failed: send it whole.
-                    progress.note(&format!("{path}: {message}; sending it whole"));
-                    let j = st.jobs.get_mut(&id).expect("job exists");
-                    j.delta = false;
-                    j.begun = false;
-                    if mismatch {
-                        j.resent = true;
-                        st.resent += 1;
-                    }
-                    drop(st);
-                    let _ = to_src.send(frame(&Msg::ReadReq {
-                        id,
-                        path: job.entry.path,
-                    }));
-                } else {
-                    st.jobs.remove(&id);
-                    st.failures.push(format!("{path}: {message}"));
-                    st.outstanding -= 1;
-                    if job.pre {
-                        st.pre_ops -= 1;
-                    }
-                    if st.outstanding == 0 {
-                        let lanes = st.wake_list();
-                        drop(st);
-                        wake(lanes);
-                        return;
-                    }
-                }
-            }
-            Msg::Bye => return,
-            other => {
-                st.fatal = Some(SyncError::Agent {
-                    node: node.to_string(),
-                    message: format!("unexpected message: {other:?}"),
-                });
-                let lanes = st.wake_list();
-                drop(st);
-                wake(lanes);
-                return;
-            }
-        }
-    }
-}
-
-/// The directory part of `path` (empty at the top).
-fn parent_dir(path: &[u8]) -> &[u8] {
-    path.iter()
-        .rposition(|&b| b == b'/')
-        .map_or(&path[..0], |i| &path[..i])
-}
-
-/// The second lane once it has served: its connection (to close), and its
-/// writer thread.
-type Lane = (
-    Side,
-    std::thread::JoinHandle<(Writer, Option<std::io::Error>)>,
-    bool,
-);
-
-/// Opens the second lane, joins the run if work is still outstanding, and
-/// reads its answers until the end. `None` if it could not be opened (the
-/// run goes on with one lane) or was not needed any more.
-fn second_lane(
-    reopen: &Reopen,
-    (root, epoch): (&str, u64),
-    state: &Mutex<State>,
-    to_src: &mpsc::Sender<Out>,
-    progress: &dyn Progress,
-) -> Option<Lane> {
-    let opened = reopen().and_then(|c| {
-        let mut side = Side::new(c);
-        side.hello(root, epoch).map(|()| side)
-    });
-    let mut side = match opened {
-        Ok(side) => side,
-        Err(e) => {
-            progress.note(&format!(
-                "a second connection to the standby failed ({e}); going on with one"
-            ));
-            state.lock().expect("state lock").lane_gone = true;
-            return None;
-        }
-    };
-    let (tx, rx) = mpsc::sync_channel::<Out>(64);
-    let w = writer_thread(take_writer(&mut side), rx);
-    {
-        let mut st = state.lock().expect("state lock");
-        if st.outstanding == 0 || st.fatal.is_some() {
-            st.lane_gone = true;
-            drop(st);
-            drop(tx);
-            return Some((side, w, false));
-        }
-        st.lanes.push(tx);
-    }
-    let node = side.node.clone();
-    lane_reader(&node, &mut side.reader, state, to_src, progress);
-    Some((side, w, true))
-}
-
 fn execute(
     src: &mut Side,
     dst: &mut Side,
-    dst_hello: (&str, u64),
     plan: &Plan,
     summary: &mut Summary,
     progress: &dyn Progress,
@@ -960,8 +676,22 @@ fn execute(
     }));
     let (to_src, src_rx) = mpsc::channel::<Out>();
     let (to_dst, dst_rx) = mpsc::sync_channel::<Out>(64);
-    let src_w = writer_thread(take_writer(src), src_rx);
-    let dst_w = writer_thread(take_writer(dst), dst_rx);
+    let src_writer = std::mem::replace(
+        &mut src.writer,
+        BufWriter::new(Counted {
+            inner: Box::new(std::io::sink()),
+            count: Arc::default(),
+        }),
+    );
+    let dst_writer = std::mem::replace(
+        &mut dst.writer,
+        BufWriter::new(Counted {
+            inner: Box::new(std::io::sink()),
+            count: Arc::default(),
+        }),
+    );
+    let src_w = writer_thread(src_writer, src_rx);
+    let dst_w = writer_thread(dst_writer, dst_rx);
     let frame = |m: &Msg| Out::Frame(m.encode());
     let src_node = src.node.clone();
     let dst_node = dst.node.clone();
@@ -972,7 +702,6 @@ fn execute(
     let mut dst_ops = 0usize;
     {
         let mut st = state.lock().expect("state lock");
-        st.lanes.push(to_dst.clone());
         for a in &plan.actions {
             let id = st.next_id;
             st.next_id += 1;
@@ -1032,12 +761,9 @@ fn execute(
                     begun: true,
                     resent: false,
                     changed: false,
-                    lane: 0,
-                    pre: true,
                 },
             );
             st.outstanding += 1;
-            st.pre_ops += 1;
             dst_ops += 1;
             let _ = to_dst.send(frame(&msg));
         }
@@ -1050,8 +776,6 @@ fn execute(
                     begun: false,
                     resent: false,
                     changed: false,
-                    lane: 0,
-                    pre: false,
                 },
             );
             st.outstanding += 1;
@@ -1060,33 +784,17 @@ fn execute(
     let total = dst_ops + files.len();
     if total == 0 {
         // Only directory metadata to set.
-        state.lock().expect("state lock").lanes.clear();
         drop((to_src, to_dst));
         src.writer = src_w.join().expect("writer thread").0;
         dst.writer = dst_w.join().expect("writer thread").0;
         return finish_dirs(dst, plan);
     }
-    let file_bytes: u64 = files.iter().map(|(_, e, _)| e.size).sum();
-    let reopen = dst
-        .reopen
-        .clone()
-        .filter(|_| files.len() >= LANE_MIN_FILES || file_bytes >= LANE_MIN_BYTES)
-        .filter(|_| files.len() >= 2);
-    if reopen.is_none() {
-        state.lock().expect("state lock").lane_gone = true;
-    }
 
-    let mut lane = None;
     let result = std::thread::scope(|s| -> Result<(), SyncError> {
-        // The second lane connects while the first starts.
-        let lane1 = reopen.map(|reopen| {
-            let (st, to_src) = (&*state, to_src.clone());
-            s.spawn(move || second_lane(&reopen, dst_hello, st, &to_src, progress))
-        });
-
         // Source reader: file content and deltas, forwarded to the standby.
         let src_reader = &mut src.reader;
         let st1 = state.clone();
+        let to_dst1 = to_dst.clone();
         let to_src1 = to_src.clone();
         let src_node1 = src_node.clone();
         let sr = s.spawn(move || {
@@ -1124,11 +832,8 @@ fn execute(
                         let mut st = st1.lock().expect("state lock");
                         if st.fatal.is_none() && st.outstanding > 0 {
                             st.fatal = Some(e);
-                            // Wake the standby readers: their answer makes
-                            // them see the failure.
-                            let lanes = st.wake_list();
-                            drop(st);
-                            wake(lanes);
+                            // Wake the standby reader: its answer makes it see the failure.
+                            let _ = to_dst1.send(frame(&Msg::Sync { id: WAKE }));
                         }
                         return;
                     }
@@ -1141,11 +846,8 @@ fn execute(
                 let Some(job) = st.jobs.get_mut(&id) else {
                     continue;
                 };
-                let lane = job.lane;
                 if !job.begun {
                     job.begun = true;
-                    st.src_seen += 1;
-                    let job = st.jobs.get_mut(&id).expect("job exists");
                     if let Some(Msg::Fail {
                         message, mismatch, ..
                     }) = &msg
@@ -1162,11 +864,9 @@ fn execute(
                             st.outstanding -= 1;
                         }
                         if st.outstanding == 0 {
-                            // The standby readers wait for an answer; this
-                            // one (to an id they do not know) ends them.
-                            let lanes = st.wake_list();
-                            drop(st);
-                            wake(lanes);
+                            // The standby's reader waits for an answer; this
+                            // one (to an id it does not know) ends it.
+                            let _ = to_dst1.send(frame(&Msg::Sync { id: WAKE }));
                         }
                         continue;
                     }
@@ -1176,9 +876,8 @@ fn execute(
                         delta: job.delta,
                         attrs: job.entry.attrs,
                     };
-                    let tx = st.lanes[lane].clone();
                     drop(st);
-                    let _ = tx.send(frame(&begin));
+                    let _ = to_dst1.send(frame(&begin));
                     st = st1.lock().expect("state lock");
                 }
                 if let Some(Msg::End {
@@ -1195,63 +894,135 @@ fn execute(
                         j.changed = true;
                     }
                 }
-                let Some(tx) = st.lanes.get(lane).cloned() else {
-                    continue;
-                };
                 drop(st);
                 // Forward the frame as it came.
-                let _ = tx.send(Out::Frame(raw));
+                let _ = to_dst1.send(Out::Frame(raw));
             }
         });
 
-        // Lane 0's reader.
+        // Standby reader: completions, signatures, retries.
         let dst_reader = &mut dst.reader;
-        let (st2, to_src2, dst_node2) = (&*state, to_src.clone(), dst_node.clone());
-        let dr = s.spawn(move || lane_reader(&dst_node2, dst_reader, st2, &to_src2, progress));
+        let st2 = state.clone();
+        let to_src2 = to_src.clone();
+        let dst_node2 = dst_node.clone();
+        let dr = s.spawn(move || {
+            let mut buf = Vec::new();
+            loop {
+                let msg = match recv(&dst_node2, "file transfer", dst_reader, &mut buf) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let mut st = st2.lock().expect("state lock");
+                        if st.fatal.is_none() {
+                            st.fatal = Some(e);
+                        }
+                        return;
+                    }
+                };
+                let mut st = st2.lock().expect("state lock");
+                if st.fatal.is_some() {
+                    return;
+                }
+                match msg {
+                    // Signature chunks: pass to the source for its delta.
+                    Msg::Data { id, bytes } => {
+                        drop(st);
+                        let _ = to_src2.send(frame(&Msg::Data { id, bytes }));
+                    }
+                    Msg::Done { id, .. } => {
+                        let Some(job) = st.jobs.get(&id).cloned() else {
+                            // The source reader's wake-up once nothing is left.
+                            if st.outstanding == 0 {
+                                return;
+                            }
+                            continue;
+                        };
+                        if job.delta && !job.begun {
+                            // The signature is complete: ask for the delta.
+                            drop(st);
+                            let _ = to_src2.send(frame(&Msg::DeltaReq {
+                                id,
+                                path: job.entry.path,
+                            }));
+                        } else {
+                            st.jobs.remove(&id);
+                            st.outstanding -= 1;
+                            let done = st.outstanding == 0;
+                            drop(st);
+                            progress.done(
+                                &job.entry.path,
+                                if job.entry.kind == Kind::File {
+                                    job.entry.size
+                                } else {
+                                    0
+                                },
+                            );
+                            if done {
+                                return;
+                            }
+                        }
+                    }
+                    Msg::Fail {
+                        id,
+                        mismatch,
+                        message,
+                    } => {
+                        let Some(job) = st.jobs.get(&id).cloned() else {
+                            continue;
+                        };
+                        if job.changed {
+                            if let Some(again) = changed_while_read(&mut st, id, &message, progress)
+                            {
+                                drop(st);
+                                let _ = to_src2.send(frame(&again));
+                            } else if st.outstanding == 0 {
+                                return;
+                            }
+                            continue;
+                        }
+                        let path = String::from_utf8_lossy(&job.entry.path).into_owned();
+                        if job.entry.kind == Kind::File
+                            && ((job.delta && !job.begun) || (mismatch && !job.resent))
+                        {
+                            // No usable base, or a content check failed: send it whole.
+                            progress.note(&format!("{path}: {message}; sending it whole"));
+                            let j = st.jobs.get_mut(&id).expect("job exists");
+                            j.delta = false;
+                            j.begun = false;
+                            if mismatch {
+                                j.resent = true;
+                                st.resent += 1;
+                            }
+                            drop(st);
+                            let _ = to_src2.send(frame(&Msg::ReadReq {
+                                id,
+                                path: job.entry.path,
+                            }));
+                        } else {
+                            st.jobs.remove(&id);
+                            st.failures.push(format!("{path}: {message}"));
+                            st.outstanding -= 1;
+                            if st.outstanding == 0 {
+                                return;
+                            }
+                        }
+                    }
+                    Msg::Bye => return,
+                    other => {
+                        st.fatal = Some(SyncError::Agent {
+                            node: dst_node2.clone(),
+                            message: format!("unexpected message: {other:?}"),
+                        });
+                        return;
+                    }
+                }
+            }
+        });
 
         // Requests for every file: signatures from the standby for updates,
-        // whole content from the source for creates. With a second lane
-        // coming, the files are split between the lanes once it may take
-        // them (balanced by size plus a per-file cost; consecutive small
-        // files of one directory stay together).
-        let mut cost = [0u64; 2];
-        let mut last: Option<(&[u8], usize)> = None;
-        for (requested, (id, e, delta)) in files.iter().enumerate() {
-            let lanes = {
-                let mut st = state.lock().expect("state lock");
-                loop {
-                    let ready = st.lanes.len() > 1 && st.pre_ops == 0;
-                    let waiting = !ready && !st.lane_gone && st.fatal.is_none();
-                    if !waiting || requested < st.src_seen + LANE_WINDOW {
-                        break;
-                    }
-                    drop(st);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                    st = state.lock().expect("state lock");
-                }
-                if st.pre_ops == 0 {
-                    st.lanes.len()
-                } else {
-                    1
-                }
-            };
-            let parent = parent_dir(&e.path);
-            let lane = match last {
-                _ if lanes < 2 => 0,
-                Some((p, l)) if p == parent && e.size < LANE_MIN_BYTES / 8 => l,
-                _ => usize::from(cost[1] < cost[0]),
-            };
-            cost[lane] += e.size + LANE_FILE_COST;
-            last = Some((parent, lane));
-            let tx = {
-                let mut st = state.lock().expect("state lock");
-                if let Some(j) = st.jobs.get_mut(id) {
-                    j.lane = lane;
-                }
-                st.lanes[lane].clone()
-            };
+        // whole content from the source for creates. All sent at once.
+        for (id, e, delta) in &files {
             if *delta {
-                let _ = tx.send(frame(&Msg::SigReq {
+                let _ = to_dst.send(frame(&Msg::SigReq {
                     id: *id,
                     path: e.path.clone(),
                 }));
@@ -1262,9 +1033,8 @@ fn execute(
                 }));
             }
         }
-        // Wait for the standby readers to see every completion (or a failure).
+        // Wait for the standby reader to see every completion (or a failure).
         let _ = dr.join();
-        lane = lane1.and_then(|h| h.join().expect("lane thread panicked"));
         // The source reader would block on its connection: end the source's
         // session, its Bye ends the reader.
         let _ = to_src.send(frame(&Msg::Bye));
@@ -1278,7 +1048,6 @@ fn execute(
     // then make the new directory entries durable.
     let (fatal, failures) = {
         let mut st = state.lock().expect("state lock");
-        st.lanes.clear();
         summary.literal_bytes = st.literal;
         summary.matched_bytes = st.matched;
         summary.resent = st.resent;
@@ -1291,33 +1060,22 @@ fn execute(
     src.writer = w;
     let (w, e2) = dst_w.join().expect("writer thread");
     dst.writer = w;
-    summary.standby_lanes = 1;
-    let mut lane = lane.map(|(mut side, w, joined)| {
-        let (w, e) = w.join().expect("writer thread");
-        side.writer = w;
-        if joined {
-            summary.standby_lanes = 2;
-        }
-        (side, e)
-    });
     if let Some(f) = fatal {
         return Err(f);
     }
-    for (node, e) in [
-        (&dst.node, e2),
-        (&src.node, e1),
-        (&dst.node, lane.as_mut().and_then(|(_, e)| e.take())),
-    ] {
-        if let Some(e) = e {
-            return Err(SyncError::Connection {
-                node: node.clone(),
-                step: "file transfer",
-                source: e.into(),
-            });
-        }
+    if let Some(e) = e2 {
+        return Err(SyncError::Connection {
+            node: dst.node.clone(),
+            step: "file transfer",
+            source: e.into(),
+        });
     }
-    if let Some((side, _)) = lane {
-        close_lane(side, summary)?;
+    if let Some(e) = e1 {
+        return Err(SyncError::Connection {
+            node: src.node.clone(),
+            step: "file transfer",
+            source: e.into(),
+        });
     }
     finish_dirs(dst, plan)?;
     if let Some(first) = failures.first() {
@@ -1329,44 +1087,6 @@ fn execute(
         });
     }
     Ok(())
-}
-
-/// Ends the second lane: the directories it renamed into are made durable
-/// (its `Done`s already mean durable files), then the session.
-fn close_lane(mut side: Side, summary: &mut Summary) -> Result<(), SyncError> {
-    let id = u64::MAX / 2;
-    side.send("sync", &Msg::Sync { id })?;
-    let mut buf = Vec::new();
-    loop {
-        match recv(&side.node, "sync", &mut side.reader, &mut buf)? {
-            Msg::Done { id: i, .. } if i == id => break,
-            Msg::Fail { id: i, message, .. } if i == id => {
-                return Err(SyncError::Partial {
-                    node: side.node.clone(),
-                    failed: 1,
-                    total: 1,
-                    first: format!("sync: {message}"),
-                })
-            }
-            _ => {}
-        }
-    }
-    side.send("close", &Msg::Bye)?;
-    loop {
-        if let Msg::Bye = recv(&side.node, "close", &mut side.reader, &mut buf)? {
-            break;
-        }
-    }
-    summary.wire_sent += side.sent.load(Ordering::Relaxed);
-    summary.wire_received += side.received.load(Ordering::Relaxed);
-    drop(side.writer);
-    match (side.finish)() {
-        Some(message) => Err(SyncError::Agent {
-            node: side.node,
-            message: format!("agent ended badly: {message}"),
-        }),
-        None => Ok(()),
-    }
 }
 
 fn finish_dirs(dst: &mut Side, plan: &Plan) -> Result<(), SyncError> {

@@ -477,8 +477,6 @@ struct Sample {
     transfer: Option<f64>,
     /// Directories whose mtime differed from the source's after the run.
     dir_mtimes: usize,
-    /// hasync: connections to the standby that carried files.
-    lanes: Option<u64>,
 }
 
 impl Sample {
@@ -678,7 +676,6 @@ impl Bench {
                     scan: s["scan_secs"].as_f64(),
                     transfer: s["transfer_secs"].as_f64(),
                     dir_mtimes: 0,
-                    lanes: s["standby_lanes"].as_u64(),
                 }
             }
             Tool::Rsync { extra } => {
@@ -720,7 +717,6 @@ impl Bench {
                     scan: None,
                     transfer: None,
                     dir_mtimes: 0,
-                    lanes: None,
                 }
             }
         }
@@ -993,11 +989,7 @@ fn round(
             fmt_bytes(s.wire()),
             fmt_rss(s.max_rss()),
             s.scan
-                .map(|sc| format!(
-                    "scan {sc:.2}s transfer {:.2}s lanes {}",
-                    s.transfer.unwrap_or(0.0),
-                    s.lanes.unwrap_or(1)
-                ))
+                .map(|sc| format!("scan {sc:.2}s transfer {:.2}s", s.transfer.unwrap_or(0.0)))
                 .unwrap_or_default()
         );
         let _ = std::io::stdout().flush();
