@@ -22,10 +22,40 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         return super::cycle::run(cli, args, log);
     }
     let config = super::load_config(cli, log)?;
-    let (primary, standbys, epoch) = direction(&config, args, log)?;
+    // With two nodes, both agents start while the state records are read:
+    // the direction is not known yet, but an agent writes only when told to
+    // (and checks its own record then), so the SSH handshakes overlap
+    // instead of adding up. An agent not needed ends when it is dropped.
+    let (resolved, mut early) = if config.nodes.len() == 2 {
+        std::thread::scope(|s| {
+            let opens: Vec<_> = config
+                .nodes
+                .iter()
+                .map(|n| s.spawn(move || Conn::open(n).ok()))
+                .collect();
+            let d = direction(&config, args, log);
+            let conns: Vec<Option<Conn>> = opens
+                .into_iter()
+                .map(|h| h.join().expect("connect thread panicked"))
+                .collect();
+            (d, conns)
+        })
+    } else {
+        (direction(&config, args, log), Vec::new())
+    };
+    let (primary, standbys, epoch) = resolved?;
     let primary = &primary;
+    let mut take_early = |n: &Node| -> Option<Conn> {
+        let i = config.nodes.iter().position(|c| c.name == n.name)?;
+        early.get_mut(i)?.take()
+    };
     let mut json_out = Vec::new();
     for standby in &standbys {
+        let pair = match (take_early(primary), take_early(standby)) {
+            (Some(src), Some(dst)) => Ok((src, dst)),
+            // One did not open: again, for its error.
+            _ => Conn::open_pair(primary, standby),
+        };
         let opts = SyncOptions {
             src_root: primary.root.clone(),
             dst_root: standby.root.clone(),
@@ -42,8 +72,7 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             cli.global.quiet > 0,
         );
         let started = std::time::Instant::now();
-        let outcome = Conn::open_pair(primary, standby)
-            .and_then(|(src, dst)| sync::run(src, dst, &opts, &reporter));
+        let outcome = pair.and_then(|(src, dst)| sync::run(src, dst, &opts, &reporter));
         reporter.finish();
         let outcome = outcome
             .map_err(|e| anyhow::anyhow!("file sync {} -> {}: {e}", primary.name, standby.name))?;
