@@ -102,6 +102,8 @@ pub struct Cycle {
     standbys: Vec<usize>,
     /// The primary's epoch (the standbys share it).
     epoch: u64,
+    /// A switchover's cycle (see [`Cycle::switch_roles`]).
+    switchover: bool,
     /// Set by a switchover once the standby's record says primary: from
     /// then on the standby is the node whose service serves users (it is
     /// started first, and its start ends the outage).
@@ -168,6 +170,7 @@ impl Cycle {
             transports,
             primary: resolved.primary,
             epoch: records[resolved.primary].epoch,
+            switchover: opts.switchover,
             standbys: resolved.standbys,
             switched: std::sync::atomic::AtomicBool::new(false),
             ui,
@@ -416,7 +419,9 @@ impl Cycle {
         if early && self.standbys.len() > 1 {
             self.warn("early_restart applies to a single standby; the primary starts after all database copies");
         }
-        let early = early && self.standbys.len() == 1;
+        // Never in a switchover: the old primary would take writes that no
+        // copy carries to the new one.
+        let early = early && self.standbys.len() == 1 && !self.switchover;
         for &s in &self.standbys {
             let standby = &self.nodes[s];
             let progress = self.ui.db_progress(&standby.name);

@@ -340,6 +340,15 @@ fn switchover_there_and_back_keeps_every_document() {
     let db = "okmdb_switch";
     let (s, cfg, _apps) = roles_setup("roles-switchover", db);
     let c = cluster();
+    // early_restart must not restart the old primary in a switchover (it
+    // would take writes that no copy carries); normal cycles still use it.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("[database]\n"));
+    std::fs::write(
+        &cfg,
+        text.replace("[database]\n", "[database]\nearly_restart = true\n"),
+    )
+    .unwrap();
     app_writes(&s, 0, db, 2);
 
     let before = (
@@ -366,6 +375,7 @@ fn switchover_there_and_back_keeps_every_document() {
 
     let run = hasync().config(&cfg).args(["switchover"]).run();
     run.code(0)
+        .stderr_lacks("starting the primary early")
         .stderr_has("BEGIN switchover")
         .stderr_has("okm2 is the primary at epoch 2, okm1 its standby");
     assert_eq!(role_of(&s, 0), ("standby".into(), 2));
@@ -379,7 +389,12 @@ fn switchover_there_and_back_keeps_every_document() {
 
     // The application now writes on okm2; a normal cycle goes okm2 -> okm1.
     app_writes(&s, 1, db, 3);
-    hasync().config(&cfg).args(["sync"]).run().code(0);
+    hasync()
+        .config(&cfg)
+        .args(["sync"])
+        .run()
+        .code(0)
+        .stderr_has("starting the primary early");
     crate::sync::assert_same_tree(&s.roots[1], &s.roots[0]);
 
     // A swap that fails (readwrite_sql changes no row on okm1) rolls back:
