@@ -28,16 +28,6 @@ use super::TableName;
 /// block (an `INSERT` with a long column list, a `COPY` with many columns).
 const HEAD_MAX: usize = 64 * 1024;
 
-/// Bytes that matter outside a string in an INSERT's VALUES.
-static VALUES_SPECIAL: [bool; 256] = {
-    let mut t = [false; 256];
-    t[b'\'' as usize] = true;
-    t[b'(' as usize] = true;
-    t[b')' as usize] = true;
-    t[b';' as usize] = true;
-    t
-};
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Mysql,
@@ -122,6 +112,16 @@ impl RowCounter {
         tail.contains(marker)
     }
 
+    /// Add the rows and bytes of another stream of the same dump (the
+    /// parallel MySQL load: one counter per stream). Completion is each
+    /// stream's own, checked before.
+    pub fn absorb(&mut self, other: &RowCounter) {
+        self.bytes += other.bytes;
+        for (t, n) in &other.rows {
+            *self.rows.entry(t.clone()).or_insert(0) += n;
+        }
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
         let keep = 256;
@@ -139,19 +139,29 @@ impl RowCounter {
         let mut i = 0;
         while i < chunk.len() {
             let rest = &chunk[i..];
+            // memchr's vectorised searches: this loop runs over every byte
+            // of the dump on the relay's thread.
             let skip = match &self.state {
-                State::Skip => rest.iter().position(|&b| b == b'\n'),
+                State::Skip => memchr::memchr(b'\n', rest),
                 State::Values {
                     in_str: true,
                     escaped: false,
                     ..
-                } => rest.iter().position(|&b| b == b'\'' || b == b'\\'),
+                } => memchr::memchr2(b'\'', b'\\', rest),
+                // Between rows only a new row, the statement's end or a
+                // string matter (a `)` leaves the depth at 0); inside a row,
+                // only strings and parentheses (a `;` ends nothing there).
+                State::Values {
+                    in_str: false,
+                    escaped: false,
+                    depth: 0,
+                } => memchr::memchr3(b'(', b';', b'\'', rest),
                 State::Values {
                     in_str: false,
                     escaped: false,
                     ..
-                } => rest.iter().position(|&b| VALUES_SPECIAL[b as usize]),
-                State::Copy { line } if line.len() > 2 => rest.iter().position(|&b| b == b'\n'),
+                } => memchr::memchr3(b'(', b')', b'\'', rest),
+                State::Copy { line } if line.len() > 2 => memchr::memchr(b'\n', rest),
                 _ => Some(0),
             };
             match skip {
