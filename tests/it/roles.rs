@@ -42,6 +42,32 @@ fn readonly_flag(i: usize, db: &str) -> String {
     .to_string()
 }
 
+/// `hasync status` shows `primary` and `standby` at `epoch`, and no
+/// warning.
+fn status_is_healthy(cfg: &std::path::Path, primary: &str, standby: &str, epoch: u64) {
+    let st = hasync().config(cfg).args(["status"]).run();
+    st.code(0)
+        .stdout_has(&format!("{primary:<10} primary  epoch {epoch}"))
+        .stdout_has(&format!("{standby:<10} standby  epoch {epoch}"));
+    assert!(
+        !st.stdout.contains("WARNING") && !st.stdout.contains("CRITICAL"),
+        "{}",
+        st.stdout
+    );
+}
+
+/// The ids in node `i`'s `doc` table, in order: "1,2,3".
+fn doc_ids(i: usize, db: &str) -> String {
+    admin(
+        Engine::Mysql,
+        i,
+        db,
+        "SELECT GROUP_CONCAT(id ORDER BY id) FROM doc",
+    )
+    .trim()
+    .to_string()
+}
+
 /// (role, epoch) in node `i`'s state record.
 fn role_of(s: &Setup, i: usize) -> (String, u64) {
     let r = record(s, i);
@@ -70,15 +96,7 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     let c = cluster();
 
     // Healthy: after a first cycle, status and check say so.
-    let st = hasync().config(&cfg).args(["status"]).run();
-    st.code(0)
-        .stdout_has("okm1       primary  epoch 1")
-        .stdout_has("okm2       standby  epoch 1");
-    assert!(
-        !st.stdout.contains("WARNING") && !st.stdout.contains("CRITICAL"),
-        "{}",
-        st.stdout
-    );
+    status_is_healthy(&cfg, "okm1", "okm2", 1);
     let prom = s.dir.join("hasync.prom");
     let chk = hasync()
         .config(&cfg)
@@ -227,23 +245,9 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     // The next cycle (okm2 -> okm1) makes okm1 an exact mirror.
     hasync().config(&cfg).args(["sync"]).run().code(0);
     crate::sync::assert_same_tree(&s.roots[1], &s.roots[0]);
-    let docs = admin(
-        Engine::Mysql,
-        0,
-        db,
-        "SELECT GROUP_CONCAT(id ORDER BY id) FROM doc",
-    );
-    assert_eq!(docs.trim(), "1,5", "okm2's rows, not the split's");
+    assert_eq!(doc_ids(0, db), "1,5", "okm2's rows, not the split's");
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
-    let st = hasync().config(&cfg).args(["status"]).run();
-    st.code(0)
-        .stdout_has("okm1       standby  epoch 2")
-        .stdout_has("okm2       primary  epoch 2");
-    assert!(
-        !st.stdout.contains("WARNING") && !st.stdout.contains("CRITICAL"),
-        "{}",
-        st.stdout
-    );
+    status_is_healthy(&cfg, "okm2", "okm1", 2);
     crate::db::drop_dbs(Engine::Mysql, 0, db);
     crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
@@ -427,13 +431,7 @@ fn switchover_there_and_back_keeps_every_document() {
     assert_eq!(readonly_flag(0, db), "false");
     assert_eq!(readonly_flag(1, db), "true");
     crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
-    let docs = admin(
-        Engine::Mysql,
-        0,
-        db,
-        "SELECT GROUP_CONCAT(id ORDER BY id) FROM doc",
-    );
-    assert_eq!(docs.trim(), "1,2,3,4");
+    assert_eq!(doc_ids(0, db), "1,2,3,4");
     for id in 2..=4 {
         let p = s.roots[0].join(format!("repository/doc{id}.txt"));
         assert_eq!(
