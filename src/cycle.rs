@@ -327,15 +327,12 @@ impl Cycle {
         };
         for (&s, (src, dst)) in self.standbys.iter().zip(conns) {
             let standby = &self.nodes[s];
+            let defaults =
+                SyncOptions::from_config(&self.config.files, primary, standby, self.epoch);
             let sync_opts = SyncOptions {
-                src_root: primary.root.clone(),
-                dst_root: standby.root.clone(),
-                excludes: self.config.files.exclude.clone(),
-                delete: self.config.files.delete,
-                max_delete: opts.max_delete.unwrap_or(self.config.files.max_delete),
+                max_delete: opts.max_delete.unwrap_or(defaults.max_delete),
                 checksum: opts.checksum,
-                dry_run: false,
-                epoch: self.epoch,
+                ..defaults
             };
             let progress = self.ui.files_progress(&standby.name);
             let t0 = Instant::now();

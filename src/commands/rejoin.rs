@@ -25,14 +25,9 @@ fn replaced_paths(
     epoch: u64,
 ) -> Result<Vec<(Vec<u8>, u64)>> {
     let opts = SyncOptions {
-        src_root: primary.root.clone(),
-        dst_root: node.root.clone(),
-        excludes: config.files.exclude.clone(),
-        delete: config.files.delete,
         max_delete: u64::MAX,
-        checksum: false,
         dry_run: true,
-        epoch,
+        ..SyncOptions::from_config(&config.files, primary, node, epoch)
     };
     let (src, dst) = Conn::open_pair(primary, node)?;
     let outcome = sync::run(src, dst, &opts, &sync::Quiet)

@@ -56,15 +56,12 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
             // One did not open: again, for its error.
             _ => Conn::open_pair(primary, standby),
         };
+        let defaults = SyncOptions::from_config(&config.files, primary, standby, epoch);
         let opts = SyncOptions {
-            src_root: primary.root.clone(),
-            dst_root: standby.root.clone(),
-            excludes: config.files.exclude.clone(),
-            delete: config.files.delete,
-            max_delete: args.max_delete.unwrap_or(config.files.max_delete),
+            max_delete: args.max_delete.unwrap_or(defaults.max_delete),
             checksum: args.checksum,
             dry_run: args.dry_run,
-            epoch,
+            ..defaults
         };
         let reporter = Reporter::new(
             &standby.name,

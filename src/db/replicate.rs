@@ -257,6 +257,21 @@ impl<'a> Secret<'a> {
     }
 }
 
+impl<'a> Secret<'a> {
+    /// A PGPASSFILE for a PostgreSQL client on `node`, if there is a
+    /// password (without one the client needs none).
+    fn pgpass(
+        t: &'a dyn Transport,
+        node: &Node,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<Option<Secret<'a>>, StepError> {
+        password
+            .map(|p| Secret::write(t, node, name, &pg::passfile(p)))
+            .transpose()
+    }
+}
+
 impl Drop for Secret<'_> {
     fn drop(&mut self) {
         let _ = self.t.remove_file(&self.path);
@@ -790,24 +805,8 @@ fn replicate_pg_staged(
         let t = Instant::now();
         progress.phase("dump and load");
         let counter = {
-            let pf = match &src.password {
-                Some(p) => Some(Secret::write(
-                    &*src.t,
-                    src.node,
-                    "dump.pgpass",
-                    &pg::passfile(p),
-                )?),
-                None => None,
-            };
-            let mf = match &dst.password {
-                Some(p) => Some(Secret::write(
-                    &*dst.t,
-                    dst.node,
-                    "load.pgpass",
-                    &pg::passfile(p),
-                )?),
-                None => None,
-            };
+            let pf = Secret::pgpass(&*src.t, src.node, "dump.pgpass", src.password.as_deref())?;
+            let mf = Secret::pgpass(&*dst.t, dst.node, "load.pgpass", dst.password.as_deref())?;
             let load = pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging);
             stream(
                 src,
@@ -922,10 +921,7 @@ pub fn dump_to_file(t: &dyn Transport, node: &Node, path: &str) -> Result<u64, S
             (Some(s), cmd)
         }
         Engine::Postgres => {
-            let s = password
-                .as_deref()
-                .map(|p| Secret::write(t, node, "dump.pgpass", &pg::passfile(p)))
-                .transpose()?;
+            let s = Secret::pgpass(t, node, "dump.pgpass", password.as_deref())?;
             let cmd = pg::dump_command(db, s.as_ref().map(|s| s.path.as_str()), None);
             (s, cmd)
         }

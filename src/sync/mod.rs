@@ -163,6 +163,29 @@ pub struct SyncOptions {
     pub epoch: u64,
 }
 
+impl SyncOptions {
+    /// A copy from `src` to `dst` as the config's `[files]` says (its
+    /// max_delete, no --checksum, not a dry run) for a primary at `epoch`;
+    /// callers change what their command line overrides.
+    pub fn from_config(
+        files: &crate::config::Files,
+        src: &crate::config::Node,
+        dst: &crate::config::Node,
+        epoch: u64,
+    ) -> SyncOptions {
+        SyncOptions {
+            src_root: src.root.clone(),
+            dst_root: dst.root.clone(),
+            excludes: files.exclude.clone(),
+            delete: files.delete,
+            max_delete: files.max_delete,
+            checksum: false,
+            dry_run: false,
+            epoch,
+        }
+    }
+}
+
 /// What the engine tells whoever shows progress. Engines never print.
 pub trait Progress: Send + Sync {
     /// The plan is known: totals for the bars.
