@@ -68,6 +68,23 @@ fn doc_ids(i: usize, db: &str) -> String {
     .to_string()
 }
 
+/// A hand-made state record in `state_dir` (as an outage or a split left it).
+fn write_record(state_dir: &std::path::Path, node: &str, role: &str, epoch: u64) {
+    std::fs::create_dir_all(state_dir).unwrap();
+    let rec = serde_json::json!({"node": node, "role": role, "epoch": epoch});
+    std::fs::write(state_dir.join("state.json"), rec.to_string()).unwrap();
+}
+
+/// The (only) quarantine `hasync rejoin` made on node `i`.
+fn quarantine_of(s: &Setup, i: usize) -> PathBuf {
+    std::fs::read_dir(s.state_dirs[i].join("quarantine"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
 /// (role, epoch) in node `i`'s state record.
 fn role_of(s: &Setup, i: usize) -> (String, u64) {
     let r = record(s, i);
@@ -224,12 +241,7 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
         .stderr_has("okm1 is a standby of okm2 at epoch 2");
     assert_eq!(role_of(&s, 0), ("standby".into(), 2));
     assert!(!c.nodes[0].app.is_running(), "stopped until the next cycle");
-    let q = std::fs::read_dir(s.state_dirs[0].join("quarantine"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let q = quarantine_of(&s, 0);
     let kept = |rel: &str| std::fs::read_to_string(q.join("files").join(rel)).unwrap();
     assert_eq!(kept("repository/a.txt"), "edited after the split");
     assert_eq!(kept("repository/late.txt"), "written after the split");
@@ -503,10 +515,7 @@ fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
         let _ = child.wait();
         reply
     };
-    let set_record = |role: &str, epoch: u64| {
-        let rec = serde_json::json!({"node": "okm2", "role": role, "epoch": epoch});
-        std::fs::write(state.join("state.json"), rec.to_string()).unwrap();
-    };
+    let set_record = |role: &str, epoch: u64| write_record(&state, "okm2", role, epoch);
     let refused = |reply: Msg, needle: &str| match reply {
         Msg::Fatal { message } => assert!(message.contains(needle), "{message}"),
         other => panic!("expected a refusal with {needle:?}, got {other:?}"),
@@ -545,10 +554,7 @@ fn rejoin_quarantines_a_postgres_database() {
     );
     let _apps = AppsStopped;
     for (i, role, epoch) in [(0, "fenced", 1), (1, "primary", 2)] {
-        std::fs::create_dir_all(&s.state_dirs[i]).unwrap();
-        let rec =
-            serde_json::json!({"node": format!("okm{}", i + 1), "role": role, "epoch": epoch});
-        std::fs::write(s.state_dirs[i].join("state.json"), rec.to_string()).unwrap();
+        write_record(&s.state_dirs[i], &format!("okm{}", i + 1), role, epoch);
     }
     hasync()
         .config(&cfg)
@@ -557,12 +563,7 @@ fn rejoin_quarantines_a_postgres_database() {
         .code(0)
         .stderr_has(&format!("its database {db} dumped into"));
     assert_eq!(role_of(&s, 0), ("standby".into(), 2));
-    let q = std::fs::read_dir(s.state_dirs[0].join("quarantine"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let q = quarantine_of(&s, 0);
     let sql = std::fs::read_to_string(q.join(format!("{db}.sql"))).unwrap();
     assert!(sql.contains("7\tafter the split"), "{sql}");
     let leftovers: Vec<_> = std::fs::read_dir(&s.state_dirs[0])
@@ -637,10 +638,7 @@ fn promote_refusals_and_two_primaries() {
         .stderr_has("another replication cycle is running: it holds the lock on okm2");
     assert!(unwritten(), "nothing written");
     for i in 0..2 {
-        std::fs::create_dir_all(&s.state_dirs[i]).unwrap();
-        let rec =
-            serde_json::json!({"node": format!("okm{}", i + 1), "role": "primary", "epoch": 3});
-        std::fs::write(s.state_dirs[i].join("state.json"), rec.to_string()).unwrap();
+        write_record(&s.state_dirs[i], &format!("okm{}", i + 1), "primary", 3);
     }
     hasync()
         .config(&cfg)
