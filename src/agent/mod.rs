@@ -16,6 +16,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sync::delta;
@@ -42,10 +43,13 @@ const MAX_SIGNATURE: usize = 512 << 20;
 // Received files are committed in batches (see [`Batch`]): written under
 // their temporary names, made durable together, renamed, and only then
 // acknowledged. A batch is committed when it holds BATCH_FILES files (fewer
-// if the descriptor limit is low) or BATCH_BYTES bytes, when its oldest file
-// waited BATCH_AGE, when no request arrives within BATCH_IDLE (the stream
-// paused: the client is waiting for the answers), and before any request
-// that is not part of a file transfer.
+// if the descriptor limit is low) or BATCH_BYTES bytes, or when its oldest
+// file waited BATCH_AGE: on a thread of its own ([`InFlight`]), while the
+// session receives the next batch, so that the disk's writeback overlaps the
+// transfer instead of stopping it. Everything received is committed and
+// answered (waiting for it) when no request arrives within BATCH_IDLE (the
+// stream paused: the client is waiting for the answers), and before any
+// request that is not part of a file transfer.
 const BATCH_FILES: usize = 4096;
 const BATCH_BYTES: u64 = 128 << 20;
 const BATCH_AGE: Duration = Duration::from_secs(1);
@@ -64,8 +68,17 @@ struct Batch {
     since: Option<Instant>,
 }
 
+/// A commit running on its own thread: the files it answers for, their
+/// paths (a request touching one waits for it), and its results.
+struct InFlight {
+    ids: Vec<(u64, u64)>,
+    paths: HashSet<Vec<u8>>,
+    handle: std::thread::JoinHandle<Vec<Result<(), FsError>>>,
+}
+
 /// How many files a batch may hold open at once: each staged file keeps its
-/// directory's descriptor (and its own with [`Durability::FsyncEach`]).
+/// directory's descriptor (and its own with [`Durability::FsyncEach`]), and
+/// two batches are open at once (one committing, one being received).
 fn batch_files_limit(durability: Durability) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -82,7 +95,7 @@ fn batch_files_limit(durability: Durability) -> usize {
     } else {
         1
     };
-    (soft.saturating_sub(128) / per_file).clamp(16, BATCH_FILES)
+    (soft.saturating_sub(128) / per_file / 2).clamp(16, BATCH_FILES)
 }
 
 /// Whether `fd` becomes readable within `wait`.
@@ -134,7 +147,7 @@ struct Session<W: Write> {
     caller_epoch: u64,
     /// The state record allowed writes (checked once, at the first).
     write_allowed: bool,
-    root: Option<Root>,
+    root: Option<Arc<Root>>,
     superuser: bool,
     signatures: HashMap<u64, Vec<u8>>,
     /// Bytes in `signatures`, all ids together (capped at MAX_SIGNATURE).
@@ -142,6 +155,8 @@ struct Session<W: Write> {
     writing: Option<Writing>,
     batch: Batch,
     batch_files: usize,
+    /// The batch being committed meanwhile, at most one.
+    committing: Option<InFlight>,
 }
 
 /// Serve one session on `input` / `output` until the client says Bye or
@@ -180,6 +195,7 @@ pub fn serve(
         writing: None,
         batch: Batch::default(),
         batch_files: BATCH_FILES,
+        committing: None,
     };
     let mut buf = Vec::new();
     loop {
@@ -188,7 +204,7 @@ pub fn serve(
             s.out.flush()?;
             // Nothing more coming for now: the client may be waiting for
             // the answers of the batch.
-            if !s.batch.files.is_empty() && !readable_within(input.get_ref().as_fd(), BATCH_IDLE) {
+            if s.uncommitted() && !readable_within(input.get_ref().as_fd(), BATCH_IDLE) {
                 s.commit_batch()?;
                 s.out.flush()?;
             }
@@ -209,7 +225,7 @@ pub fn serve(
             Some(Err(e)) => Err(e.into()),
             None => match Msg::decode(&buf) {
                 Ok(msg) => {
-                    if !s.batch.files.is_empty() && s.batch_conflicts(&msg) {
+                    if s.uncommitted() && s.batch_conflicts(&msg) {
                         s.commit_batch()?;
                     }
                     s.handle(msg)
@@ -219,8 +235,9 @@ pub fn serve(
         };
         match handled {
             Ok(true) => {
+                s.poll_commit()?;
                 if s.batch.since.is_some_and(|t| t.elapsed() >= BATCH_AGE) {
-                    s.commit_batch()?;
+                    s.start_commit()?;
                 }
             }
             Ok(false) => break,
@@ -259,7 +276,7 @@ fn fail_message(
 impl<W: Write> Session<W> {
     fn root(&self) -> Result<&Root, AgentError> {
         self.root
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| AgentError::Refused("the client sent a request before Hello".into()))
     }
 
@@ -268,7 +285,7 @@ impl<W: Write> Session<W> {
         self.send(&Msg::Fail {
             id,
             mismatch: false,
-            message: fail_message(self.root.as_ref().map(Root::path), kind, e),
+            message: fail_message(self.root.as_deref().map(Root::path), kind, e),
         })
     }
 
@@ -386,7 +403,7 @@ impl<W: Write> Session<W> {
                     AgentError::Refused(format!("root {shown}: {e}"))
                 })?;
                 self.batch_files = batch_files_limit(r.durability());
-                self.root = Some(r);
+                self.root = Some(Arc::new(r));
                 self.send(&Msg::Welcome {
                     protocol: version::PROTOCOL,
                     version: version::VERSION.into(),
@@ -701,7 +718,7 @@ impl<W: Write> Session<W> {
         };
         if let Err((kind, message)) = result {
             self.writing = Some(Writing::Failed { id });
-            let root = self.root.as_ref().map(Root::path);
+            let root = self.root.as_deref().map(Root::path);
             self.send(&Msg::Fail {
                 id,
                 mismatch: false,
@@ -761,10 +778,11 @@ impl<W: Write> Session<W> {
         let owner = superuser.then_some((attrs.uid, attrs.gid));
         let attrs = fs_attrs(&attrs, owner);
         if size >= SOLO_FILE {
-            return match temp.commit(&attrs) {
-                Ok(()) => self.send(&Msg::Done { id, bytes: size }),
-                Err(e) => self.send_fs_fail(id, &e),
-            };
+            // Committed alone with its own fsync (its writeback dominates),
+            // on the commit thread while the next files arrive.
+            self.finish_commit()?;
+            let paths = HashSet::from([temp.path().to_vec()]);
+            return self.spawn_commit(vec![(id, size)], paths, move || vec![temp.commit(&attrs)]);
         }
         let keep_open = self.root()?.durability() == Durability::FsyncEach;
         match temp.stage(&attrs, keep_open) {
@@ -775,7 +793,7 @@ impl<W: Write> Session<W> {
                 b.bytes += size;
                 b.since.get_or_insert_with(Instant::now);
                 if b.files.len() >= self.batch_files || b.bytes >= BATCH_BYTES {
-                    self.commit_batch()?;
+                    self.start_commit()?;
                 }
                 Ok(())
             }
@@ -783,38 +801,118 @@ impl<W: Write> Session<W> {
         }
     }
 
-    /// Whether `msg` must wait for the pending batch to be committed: any
-    /// request but a file transfer, and a transfer that touches a path in
-    /// the batch (a second version of it, a delta against it).
+    /// Whether received files are not yet committed and answered.
+    fn uncommitted(&self) -> bool {
+        !self.batch.files.is_empty() || self.committing.is_some()
+    }
+
+    /// Whether `msg` must wait until every received file is committed: any
+    /// request but a file transfer, and a transfer that touches a path of
+    /// the pending or committing batch (a second version of it, a delta
+    /// against it).
     fn batch_conflicts(&self, msg: &Msg) -> bool {
         match msg {
             Msg::Data { .. } | Msg::End { .. } | Msg::Fail { .. } => false,
             Msg::Begin { path, .. }
             | Msg::SigReq { path, .. }
             | Msg::ReadReq { path, .. }
-            | Msg::DeltaReq { path, .. } => self.batch.paths.contains(path),
+            | Msg::DeltaReq { path, .. } => {
+                self.batch.paths.contains(path)
+                    || self
+                        .committing
+                        .as_ref()
+                        .is_some_and(|c| c.paths.contains(path))
+            }
             _ => true,
         }
     }
 
-    /// Commits the pending batch ([`Root::commit_batch`]: durable, renamed,
-    /// renames durable) and only then answers `Done` for its files.
+    /// Commits everything received and answers it: the commit in flight,
+    /// then the pending batch ([`Root::commit_batch`]: durable, renamed,
+    /// renames durable). `Done` is only ever sent after that.
     fn commit_batch(&mut self) -> Result<(), AgentError> {
-        let batch = std::mem::take(&mut self.batch);
-        if batch.files.is_empty() {
+        self.start_commit()?;
+        self.finish_commit()
+    }
+
+    /// Starts committing the pending batch on a thread of its own, once the
+    /// previous commit is done and answered.
+    fn start_commit(&mut self) -> Result<(), AgentError> {
+        if self.batch.files.is_empty() {
             return Ok(());
         }
+        self.finish_commit()?;
+        let root =
+            Arc::clone(self.root.as_ref().ok_or_else(|| {
+                AgentError::Refused("the client sent a request before Hello".into())
+            })?);
+        let batch = std::mem::take(&mut self.batch);
         let (ids, staged): (Vec<(u64, u64)>, Vec<Staged>) = batch
             .files
             .into_iter()
             .map(|(id, size, f)| ((id, size), f))
             .unzip();
-        let results = self.root()?.commit_batch(staged);
-        for ((id, size), r) in ids.into_iter().zip(results) {
+        self.spawn_commit(ids, batch.paths, move || root.commit_batch(staged))
+    }
+
+    /// Runs `work` (one result per file of `ids`) as the commit in flight.
+    fn spawn_commit(
+        &mut self,
+        ids: Vec<(u64, u64)>,
+        paths: HashSet<Vec<u8>>,
+        work: impl FnOnce() -> Vec<Result<(), FsError>> + Send + 'static,
+    ) -> Result<(), AgentError> {
+        debug_assert!(self.committing.is_none());
+        match std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(work)
+        {
+            Ok(handle) => {
+                self.committing = Some(InFlight { ids, paths, handle });
+                Ok(())
+            }
+            // The staged files went with `work`: their temporary files are
+            // removed, the client resends them next run.
+            Err(e) => self.fail_all(&ids, &format!("cannot start a commit thread: {e}")),
+        }
+    }
+
+    /// Answers the commit in flight once it is done, without waiting.
+    fn poll_commit(&mut self) -> Result<(), AgentError> {
+        if self
+            .committing
+            .as_ref()
+            .is_some_and(|c| c.handle.is_finished())
+        {
+            self.finish_commit()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the commit in flight (if any) and answers its files.
+    fn finish_commit(&mut self) -> Result<(), AgentError> {
+        let Some(c) = self.committing.take() else {
+            return Ok(());
+        };
+        let Ok(results) = c.handle.join() else {
+            return self.fail_all(&c.ids, "the commit thread panicked");
+        };
+        for ((id, size), r) in c.ids.into_iter().zip(results) {
             match r {
                 Ok(()) => self.send(&Msg::Done { id, bytes: size })?,
                 Err(e) => self.send_fs_fail(id, &e)?,
             }
+        }
+        Ok(())
+    }
+
+    fn fail_all(&mut self, ids: &[(u64, u64)], message: &str) -> Result<(), AgentError> {
+        for &(id, _) in ids {
+            self.send(&Msg::Fail {
+                id,
+                mismatch: false,
+                message: message.to_string(),
+            })?;
         }
         Ok(())
     }
