@@ -757,3 +757,62 @@ fn promote_refusals_and_two_primaries() {
         .stderr_has("two primaries at epoch 3");
     assert!(!s.roots[1].join("x.txt").exists());
 }
+
+/// `sync --files-only` decides from the records the agents send, with the
+/// same answers as from records read over a connection of their own: an
+/// unreadable record and another node's record are refused with the same
+/// words, a dry run leaves an old primary as it is while a run fences it,
+/// and `--to` picks the standby (or finds none).
+#[test]
+fn files_only_direction_from_the_agents_records() {
+    let s = crate::sync::files_only("roles-files-only-records");
+    let cfg = s.write();
+    crate::sync::write(&s.roots[0], "a.txt", b"a");
+    let files_only = |extra: &[&str]| {
+        let mut args = vec!["sync", "--files-only"];
+        args.extend_from_slice(extra);
+        hasync().config(&cfg).args(args).run()
+    };
+    let copied = || s.roots[1].join("a.txt").exists();
+
+    std::fs::create_dir_all(&s.state_dirs[1]).unwrap();
+    std::fs::write(s.state_dirs[1].join("state.json"), "{ not json").unwrap();
+    files_only(&[])
+        .code(1)
+        .stderr_has("state record of okm2")
+        .stderr_has("unreadable (")
+        .stderr_has("move it aside to start from the config again");
+    write_record(&s.state_dirs[1], "okm1", "standby", 1);
+    files_only(&[])
+        .code(1)
+        .stderr_has("it is the record of node okm1: two nodes share this state_dir");
+    assert!(!copied());
+
+    // okm2 was promoted while okm1 was away.
+    write_record(&s.state_dirs[0], "okm1", "primary", 1);
+    write_record(&s.state_dirs[1], "okm2", "primary", 2);
+    files_only(&["--dry-run"])
+        .code(1)
+        .stderr_has("okm1 was primary at epoch 1, but okm2 was promoted at epoch 2");
+    assert_eq!(
+        role_of(&s, 0),
+        ("primary".into(), 1),
+        "a dry run fences nothing"
+    );
+    files_only(&[])
+        .code(1)
+        .stderr_has("CRITICAL: okm1 was primary at epoch 1");
+    assert_eq!(role_of(&s, 0), ("fenced".into(), 1));
+    assert!(!copied());
+
+    write_record(&s.state_dirs[0], "okm1", "primary", 3);
+    write_record(&s.state_dirs[1], "okm2", "standby", 3);
+    files_only(&["--to", "okm1"])
+        .code(1)
+        .stderr_has("no standby of okm1 (epoch 3) to copy to: okm2: not the --to node");
+    assert!(!copied());
+    files_only(&["--to", "okm2"])
+        .code(0)
+        .stderr_lacks("left out");
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+}
