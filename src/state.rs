@@ -183,22 +183,57 @@ pub fn read(t: &dyn Transport, node: &Node) -> Result<Option<StateRecord>, State
         )
         .map_err(|e| err(e.to_string()))?;
     match out.status {
-        0 => {
-            let rec: StateRecord = serde_json::from_slice(&out.stdout).map_err(|e| {
-                err(format!(
-                    "unreadable ({e}); move it aside to start from the config again"
-                ))
-            })?;
-            if rec.node != node.name {
-                return Err(err(format!(
-                    "it is the record of node {}: two nodes share this state_dir; give each node a state_dir of its own",
-                    rec.node
-                )));
-            }
-            Ok(Some(rec))
-        }
+        0 => parse(node, &out.stdout).map(Some),
         3 => Ok(None),
         s => Err(err(format!("exit {s}: {}", out.stderr_tail()))),
+    }
+}
+
+/// The record of `node` from the bytes of its state.json (read by [`read`]
+/// or sent by the node's agent in its Welcome): it must parse, and be this
+/// node's.
+pub fn parse(node: &Node, bytes: &[u8]) -> Result<StateRecord, StateError> {
+    let err = |detail: String| StateError {
+        node: node.name.clone(),
+        path: path(node),
+        detail,
+    };
+    let rec: StateRecord = serde_json::from_slice(bytes).map_err(|e| {
+        err(format!(
+            "unreadable ({e}); move it aside to start from the config again"
+        ))
+    })?;
+    if rec.node != node.name {
+        return Err(err(format!(
+            "it is the record of node {}: two nodes share this state_dir; give each node a state_dir of its own",
+            rec.node
+        )));
+    }
+    Ok(rec)
+}
+
+/// The largest record an agent sends in its Welcome; a larger one is
+/// reported unreadable there (and read by the caller the usual way).
+pub const MAX_SENT_RECORD: u64 = 1 << 20;
+
+/// This node's record in `state_dir`, unparsed, as an agent sends it.
+pub fn read_local(state_dir: &std::path::Path) -> crate::agent::wire::Record {
+    use crate::agent::wire::Record;
+    use std::io::Read;
+    let p = state_dir.join("state.json");
+    let f = match std::fs::File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Record::Absent,
+        Err(e) => return Record::Unreadable(format!("{}: {e}", p.display())),
+    };
+    let mut bytes = Vec::new();
+    match f.take(MAX_SENT_RECORD + 1).read_to_end(&mut bytes) {
+        Err(e) => Record::Unreadable(format!("{}: {e}", p.display())),
+        Ok(n) if n as u64 > MAX_SENT_RECORD => Record::Unreadable(format!(
+            "{}: larger than {MAX_SENT_RECORD} bytes",
+            p.display()
+        )),
+        Ok(_) => Record::Present(bytes),
     }
 }
 

@@ -404,11 +404,26 @@ impl<W: Write> Session<W> {
                 })?;
                 self.batch_files = batch_files_limit(r.durability());
                 self.root = Some(Arc::new(r));
+                // The caller learns this node's role from it (no second
+                // connection to read it); writes are still checked against
+                // the file itself (see may_write).
+                let record = match &self.state_dir {
+                    Some(dir) => crate::state::read_local(dir),
+                    None => wire::Record::NotSent,
+                };
                 self.send(&Msg::Welcome {
                     protocol: version::PROTOCOL,
                     version: version::VERSION.into(),
                     superuser: self.superuser,
+                    record,
                 })?;
+            }
+            Msg::Claim { epoch } => {
+                // After Hello only; the record is checked again at the next
+                // write, against the epoch claimed now.
+                self.root()?;
+                self.caller_epoch = epoch;
+                self.write_allowed = false;
             }
             Msg::Scan {
                 id,

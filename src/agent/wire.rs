@@ -39,6 +39,21 @@ fn clip(s: &str) -> &str {
     &s[..end]
 }
 
+/// A node's state record (`<state_dir>/state.json`) as its agent read it,
+/// sent in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Not read: an agent without `--state-dir`, or a Welcome of protocol 2
+    /// (decoded so that the version mismatch can still be reported).
+    NotSent,
+    /// The node has no record yet.
+    Absent,
+    /// The record's bytes, unparsed (the caller checks them).
+    Present(Vec<u8>),
+    /// It exists but could not be read; why.
+    Unreadable(String),
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -51,11 +66,20 @@ pub enum Msg {
         /// agent writes only into a standby of that same epoch.
         epoch: u64,
     },
-    /// The agent's answer to Hello; `superuser` says it can set owners.
+    /// The agent's answer to Hello; `superuser` says it can set owners,
+    /// `record` is this node's state record as the agent found it (so the
+    /// caller needs no second connection to read it).
     Welcome {
         protocol: u32,
         version: String,
         superuser: bool,
+        record: Record,
+    },
+    /// Sets the epoch of the primary the caller copies from, after Hello
+    /// (whose `epoch` it replaces): a caller that said Hello before it knew
+    /// the direction claims its epoch once it does. No answer.
+    Claim {
+        epoch: u64,
     },
     /// Scan the root; answered by `Entries` frames and `Done`.
     Scan {
@@ -172,6 +196,7 @@ const T_DONE: u8 = 16;
 const T_FAIL: u8 = 17;
 const T_FATAL: u8 = 18;
 const T_BYE: u8 = 19;
+const T_CLAIM: u8 = 20;
 
 /// A protocol violation by the peer.
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +320,7 @@ impl Msg {
         match self {
             Msg::Hello { .. } => "Hello",
             Msg::Welcome { .. } => "Welcome",
+            Msg::Claim { .. } => "Claim",
             Msg::Scan { .. } => "Scan",
             Msg::Entries { .. } => "Entries",
             Msg::SigReq { .. } => "SigReq",
@@ -336,11 +362,29 @@ impl Msg {
                 protocol,
                 version,
                 superuser,
+                record,
             } => {
                 e.u8(T_WELCOME);
                 e.u32(*protocol);
                 e.str(version);
                 e.u8(u8::from(*superuser));
+                // NotSent: no field, as in protocol 2.
+                match record {
+                    Record::NotSent => {}
+                    Record::Absent => e.u8(0),
+                    Record::Present(bytes) => {
+                        e.u8(1);
+                        e.bytes(bytes);
+                    }
+                    Record::Unreadable(message) => {
+                        e.u8(2);
+                        e.str(clip(message));
+                    }
+                }
+            }
+            Msg::Claim { epoch } => {
+                e.u8(T_CLAIM);
+                e.u64(*epoch);
             }
             Msg::Scan {
                 id,
@@ -513,7 +557,20 @@ impl Msg {
                 protocol: d.u32()?,
                 version: d.str()?,
                 superuser: d.bool()?,
+                // Protocol 2 had no record: NotSent, so that the caller
+                // can answer with the protocol mismatch.
+                record: if d.0.is_empty() {
+                    Record::NotSent
+                } else {
+                    match d.u8()? {
+                        0 => Record::Absent,
+                        1 => Record::Present(d.bytes()?),
+                        2 => Record::Unreadable(d.str()?),
+                        k => return Err(WireError::Malformed(format!("bad record kind {k}"))),
+                    }
+                },
             },
+            T_CLAIM => Msg::Claim { epoch: d.u64()? },
             T_SCAN => {
                 let id = d.u64()?;
                 let n = d.u32()? as usize;
@@ -738,11 +795,20 @@ mod tests {
             root: b"/srv/x".to_vec(),
             epoch: 7,
         });
-        round_trip(Msg::Welcome {
-            protocol: 1,
-            version: "0.1.0".into(),
-            superuser: true,
-        });
+        for record in [
+            Record::NotSent,
+            Record::Absent,
+            Record::Present(br#"{"node":"a","role":"standby","epoch":2}"#.to_vec()),
+            Record::Unreadable("permission denied".into()),
+        ] {
+            round_trip(Msg::Welcome {
+                protocol: 3,
+                version: "0.1.0".into(),
+                superuser: true,
+                record,
+            });
+        }
+        round_trip(Msg::Claim { epoch: 9 });
         round_trip(Msg::Scan {
             id: 1,
             excludes: vec!["/logs/".into()],
@@ -860,6 +926,36 @@ mod tests {
         assert!(data_view(&f[4..]).unwrap().is_err());
         f[13] = 2;
         assert!(data_view(&f[4..]).unwrap().is_err());
+    }
+
+    /// A protocol-2 Welcome (no record) still decodes, so that the caller
+    /// can say which version the agent is; an unknown record kind does not.
+    #[test]
+    fn a_protocol_2_welcome_decodes_without_a_record() {
+        let mut body = vec![T_WELCOME];
+        body.extend_from_slice(&2u32.to_le_bytes());
+        body.extend_from_slice(&5u32.to_le_bytes());
+        body.extend_from_slice(b"0.1.0");
+        body.push(1);
+        assert_eq!(
+            Msg::decode(&body).unwrap(),
+            Msg::Welcome {
+                protocol: 2,
+                version: "0.1.0".into(),
+                superuser: true,
+                record: Record::NotSent,
+            }
+        );
+        body.push(7);
+        assert!(Msg::decode(&body).is_err());
+        // A huge reason is cut, never a frame the peer refuses.
+        let m = Msg::Welcome {
+            protocol: 3,
+            version: "v".into(),
+            superuser: false,
+            record: Record::Unreadable("x".repeat(MAX_FRAME)),
+        };
+        assert!(m.encode().len() < MAX_MESSAGE + 64);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! with their issues, and the command says so instead of pretending.
 
 use anyhow::{bail, Result};
+use hasync::agent::wire::Record;
 use hasync::config::{Config, Node};
 use hasync::db::{self, replicate::DbPlan};
-use hasync::roles;
+use hasync::roles::{self, Resolved, RoleError};
+use hasync::state::{self, StateRecord};
 use hasync::sync::plan::{human_bytes, itemize, Action};
 use hasync::sync::{self, Conn, SyncOptions};
 
@@ -22,24 +24,8 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
         return super::cycle::run(cli, args, log);
     }
     let config = super::load_config(cli, log)?;
-    // With two nodes, both agents start while the state records are read:
-    // the direction is not known yet, but an agent writes only when told to
-    // (and checks its own record then), so the SSH handshakes overlap
-    // instead of adding up. An agent not needed ends when it is dropped.
     let (resolved, mut early) = if config.nodes.len() == 2 {
-        std::thread::scope(|s| {
-            let opens: Vec<_> = config
-                .nodes
-                .iter()
-                .map(|n| s.spawn(move || Conn::open(n).ok()))
-                .collect();
-            let d = direction(&config, args, log);
-            let conns: Vec<Option<Conn>> = opens
-                .into_iter()
-                .map(|h| h.join().expect("connect thread panicked"))
-                .collect();
-            (d, conns)
-        })
+        direction_from_agents(&config, args, log)
     } else {
         (direction(&config, args, log), Vec::new())
     };
@@ -149,25 +135,38 @@ pub fn run(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+/// The primary, the standbys to copy to and the primary's epoch.
+type Direction = (Node, Vec<Node>, u64);
+
 /// The direction of a run, from the nodes' state records (see
-/// `hasync::roles`): the primary and the standbys to copy to (all, or the
-/// one `--to` names). An old primary found on the way is fenced, except in
-/// a dry run, which changes nothing.
-/// The primary, its standbys (limited by `--to`) and its epoch, from the
-/// nodes' state records.
-pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, Vec<Node>, u64)> {
+/// `hasync::roles`): the primary, the standbys to copy to (all, or the one
+/// `--to` names) and the primary's epoch. An old primary found on the way
+/// is fenced, except in a dry run, which changes nothing.
+pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<Direction> {
     let (transports, mut records) = roles::connect_all(config).map_err(|e| anyhow::anyhow!(e))?;
     let resolved = if args.dry_run {
         roles::resolve(&config.nodes, &records, args.to.as_deref())
     } else {
         roles::resolve_and_fence(config, &transports, &mut records, args.to.as_deref())
     }?;
+    Ok(chosen(config, args, log, &resolved, &records))
+}
+
+/// What [`direction`] returns for `resolved`, after a warning for each node
+/// left out (unless `--to` chose).
+fn chosen(
+    config: &Config,
+    args: &SyncArgs,
+    log: &Log,
+    resolved: &Resolved,
+    records: &[StateRecord],
+) -> Direction {
     for s in &resolved.skipped {
         if args.to.is_none() {
             log.warn(&format!("left out: {s}"));
         }
     }
-    Ok((
+    (
         config.nodes[resolved.primary].clone(),
         resolved
             .standbys
@@ -175,7 +174,63 @@ pub fn direction(config: &Config, args: &SyncArgs, log: &Log) -> Result<(Node, V
             .map(|&i| config.nodes[i].clone())
             .collect(),
         records[resolved.primary].epoch,
-    ))
+    )
+}
+
+/// [`direction`] for `sync --files-only` between two nodes, with one SSH
+/// connection per node: both agents start at once, before the direction is
+/// known, and each one's Welcome carries its node's state record (an agent
+/// writes only once told the primary's epoch, and checks its own record
+/// then). Also returns the agents, in config order (None: it did not
+/// start), for the run to use; one not needed ends when it is dropped.
+///
+/// [`direction`] itself decides (over its own connections, as it always
+/// did) when an agent did not start or could not send a readable record
+/// (its errors say why), and when an old primary must be fenced (it writes
+/// the record and says so).
+fn direction_from_agents(
+    config: &Config,
+    args: &SyncArgs,
+    log: &Log,
+) -> (Result<Direction>, Vec<Option<Conn>>) {
+    let opened: Vec<Option<(Conn, Record)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                s.spawn(move || {
+                    let mut c = Conn::open(n).ok()?;
+                    let record = c.handshake(&n.root).ok()?;
+                    Some((c, record))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("connect thread panicked"))
+            .collect()
+    });
+    let records: Option<Vec<StateRecord>> = config
+        .nodes
+        .iter()
+        .zip(&opened)
+        .map(|(n, o)| match &o.as_ref()?.1 {
+            Record::Absent => Some(StateRecord::initial(n)),
+            Record::Present(bytes) => state::parse(n, bytes).ok(),
+            Record::Unreadable(_) | Record::NotSent => None,
+        })
+        .collect();
+    let conns = opened.into_iter().map(|o| o.map(|(c, _)| c)).collect();
+    let Some(records) = records else {
+        return (direction(config, args, log), conns);
+    };
+    match roles::resolve(&config.nodes, &records, args.to.as_deref()) {
+        Err(RoleError::StalePrimary { .. }) if !args.dry_run => {
+            (direction(config, args, log), conns)
+        }
+        Err(e) => (Err(e.into()), conns),
+        Ok(resolved) => (Ok(chosen(config, args, log, &resolved, &records)), conns),
+    }
 }
 
 /// `hasync sync --db-only`: the database phase alone, to every standby.

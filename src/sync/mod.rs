@@ -44,6 +44,83 @@ pub struct Conn {
     /// Called after the session to collect the agent's fate (exit status,
     /// stderr); returns an error message if it failed.
     pub finish: Box<dyn FnOnce() -> Option<String> + Send>,
+    /// Set by [`Conn::handshake`]: the Hello is done, [`run`] claims its
+    /// epoch instead.
+    welcomed: Option<Welcomed>,
+}
+
+/// A Hello done ahead of [`run`] by [`Conn::handshake`].
+struct Welcomed {
+    root: String,
+    superuser: bool,
+    /// Protocol bytes it took each way (for the wire counters).
+    sent: u64,
+    received: u64,
+}
+
+/// Hello on a connection to an agent: whether it can set owners, its
+/// node's state record, and the bytes sent and received. Reads exactly the
+/// Welcome frame, so `r` may be unbuffered.
+fn hello(
+    node: &str,
+    w: &mut dyn Write,
+    r: &mut dyn Read,
+    root: &str,
+    epoch: u64,
+) -> Result<(bool, wire::Record, u64, u64), SyncError> {
+    let frame = Msg::Hello {
+        protocol: crate::version::PROTOCOL,
+        version: crate::version::VERSION.into(),
+        root: root.as_bytes().to_vec(),
+        epoch,
+    }
+    .encode();
+    w.write_all(&frame)
+        .and_then(|()| w.flush())
+        .map_err(|e| SyncError::Connection {
+            node: node.into(),
+            step: "handshake",
+            source: e.into(),
+        })?;
+    let mut buf = Vec::new();
+    let msg = match wire::recv(&mut &mut *r, &mut buf) {
+        Ok(Some(Msg::Fatal { message })) => {
+            return Err(SyncError::Agent {
+                node: node.into(),
+                message,
+            })
+        }
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(SyncError::Connection {
+                node: node.into(),
+                step: "handshake",
+                source: wire::WireError::Closed,
+            })
+        }
+        Err(e) => {
+            return Err(SyncError::Connection {
+                node: node.into(),
+                step: "handshake",
+                source: e,
+            })
+        }
+    };
+    let received = 4 + buf.len() as u64;
+    match msg {
+        Msg::Welcome { protocol, superuser, record, .. } if protocol == crate::version::PROTOCOL => {
+            Ok((superuser, record, frame.len() as u64, received))
+        }
+        Msg::Welcome { protocol, version, .. } => Err(SyncError::Agent {
+            node: node.into(),
+            message: format!(
+                "agent is hasync {version} (protocol {protocol}), this is hasync {} (protocol {}); install the same version on both nodes",
+                crate::version::VERSION,
+                crate::version::PROTOCOL
+            ),
+        }),
+        other => Err(SyncError::Agent { node: node.into(), message: format!("unexpected answer to Hello: {other:?}") }),
+    }
 }
 
 impl Conn {
@@ -80,7 +157,31 @@ impl Conn {
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("the local agent thread panicked".into()),
             }),
+            welcomed: None,
         })
+    }
+
+    /// Hello ahead of [`run`], for the agent's answer: its node's state
+    /// record as the agent read it (so the caller needs no other
+    /// connection to learn the node's role). The Hello names no epoch;
+    /// [`run`] claims the primary's before anything is written, and
+    /// refuses a `root` other than its own for this side.
+    pub fn handshake(&mut self, root: &str) -> Result<wire::Record, SyncError> {
+        if self.welcomed.is_some() {
+            return Err(SyncError::Agent {
+                node: self.node.clone(),
+                message: "handshake done twice on one connection".into(),
+            });
+        }
+        let (superuser, record, sent, received) =
+            hello(&self.node, &mut self.writer, &mut self.reader, root, 0)?;
+        self.welcomed = Some(Welcomed {
+            root: root.to_string(),
+            superuser,
+            sent,
+            received,
+        });
+        Ok(record)
     }
 }
 
@@ -144,6 +245,7 @@ impl Conn {
                     Err(e) => Some(e.to_string()),
                 }
             }),
+            welcomed: None,
         })
     }
 }
@@ -322,14 +424,17 @@ struct Side {
     superuser: bool,
     /// The agent already said Bye (the source does at the end of a transfer).
     closed: bool,
+    /// The Hello done by [`Conn::handshake`], if any.
+    welcomed: Option<Welcomed>,
     received: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
 }
 
 impl Side {
     fn new(c: Conn) -> Side {
-        let received = Arc::new(AtomicU64::new(0));
-        let sent = Arc::new(AtomicU64::new(0));
+        let early = c.welcomed.as_ref().map_or((0, 0), |w| (w.sent, w.received));
+        let received = Arc::new(AtomicU64::new(early.1));
+        let sent = Arc::new(AtomicU64::new(early.0));
         Side {
             node: c.node,
             reader: BufReader::with_capacity(
@@ -351,6 +456,7 @@ impl Side {
             finish: c.finish,
             superuser: false,
             closed: false,
+            welcomed: c.welcomed,
             received,
             sent,
         }
@@ -366,32 +472,23 @@ impl Side {
             })
     }
 
+    /// Hello for `root` from a primary at `epoch`; on a connection that
+    /// said Hello already ([`Conn::handshake`]), a Claim of `epoch`.
     fn hello(&mut self, root: &str, epoch: u64) -> Result<(), SyncError> {
-        self.send(
-            "handshake",
-            &Msg::Hello {
-                protocol: crate::version::PROTOCOL,
-                version: crate::version::VERSION.into(),
-                root: root.as_bytes().to_vec(),
-                epoch,
-            },
-        )?;
-        let mut buf = Vec::new();
-        match recv(&self.node, "handshake", &mut self.reader, &mut buf)? {
-            Msg::Welcome { protocol, superuser, .. } if protocol == crate::version::PROTOCOL => {
-                self.superuser = superuser;
-                Ok(())
+        if let Some(w) = &self.welcomed {
+            if w.root != root {
+                return Err(SyncError::Agent {
+                    node: self.node.clone(),
+                    message: format!("the agent was started for root {}, not {root}", w.root),
+                });
             }
-            Msg::Welcome { protocol, version, .. } => Err(SyncError::Agent {
-                node: self.node.clone(),
-                message: format!(
-                    "agent is hasync {version} (protocol {protocol}), this is hasync {} (protocol {}); install the same version on both nodes",
-                    crate::version::VERSION,
-                    crate::version::PROTOCOL
-                ),
-            }),
-            other => Err(SyncError::Agent { node: self.node.clone(), message: format!("unexpected answer to Hello: {other:?}") }),
+            self.superuser = w.superuser;
+            return self.send("handshake", &Msg::Claim { epoch });
         }
+        let (superuser, _record, _, _) =
+            hello(&self.node, &mut self.writer, &mut self.reader, root, epoch)?;
+        self.superuser = superuser;
+        Ok(())
     }
 
     /// Scan, returning the sorted manifest and the count of skipped specials.

@@ -1118,6 +1118,7 @@ fn malformed_frames_are_fatal() {
             protocol: 1,
             version: "x".into(),
             superuser: true,
+            record: hasync::agent::wire::Record::Absent,
         },
         Msg::Done { id: 1, bytes: 0 },
         Msg::Fatal {

@@ -469,8 +469,9 @@ fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
     let (root, state) = (dir.path().join("root"), dir.path().join("state"));
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&state).unwrap();
-    // One session: Hello with `epoch`, then a Mkdir; the agent's answer.
-    let mkdir = |epoch: u64| -> Msg {
+    // One session: Hello with `epoch`, then `msgs` and Bye; the Welcome
+    // and the agent's answers (up to its Bye or Fatal).
+    let session = |epoch: u64, msgs: &[Msg]| -> (Msg, Vec<Msg>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hasync"))
             .arg("agent")
             .arg("--root")
@@ -492,29 +493,39 @@ fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
             epoch,
         };
         input.write_all(&hello.encode()).unwrap();
-        let welcome = wire::recv(&mut out, &mut buf).unwrap();
-        assert!(matches!(welcome, Some(Msg::Welcome { .. })), "{welcome:?}");
-        let m = Msg::Mkdir {
-            id: 1,
-            path: b"new-dir".to_vec(),
-            attrs: Attrs {
-                mode: 0o755,
-                mtime_sec: 1_700_000_000,
-                mtime_nsec: 0,
-                uid: 0,
-                gid: 0,
-            },
-        };
-        // A refusing agent exits at once: writing Bye may meet a closed
-        // pipe (EPIPE), which is no failure; its answer is what counts.
-        let _ = input
-            .write_all(&m.encode())
-            .and_then(|()| input.write_all(&Msg::Bye.encode()));
-        let reply = wire::recv(&mut out, &mut buf).unwrap().unwrap();
+        let welcome = wire::recv(&mut out, &mut buf).unwrap().unwrap();
+        assert!(matches!(welcome, Msg::Welcome { .. }), "{welcome:?}");
+        // A refusing agent exits at once: writing the rest may meet a
+        // closed pipe (EPIPE), which is no failure; its answers count.
+        let _ = msgs
+            .iter()
+            .chain([&Msg::Bye])
+            .try_for_each(|m| input.write_all(&m.encode()));
+        let mut replies = Vec::new();
+        while let Some(m) = wire::recv(&mut out, &mut buf).unwrap() {
+            let last = matches!(m, Msg::Bye | Msg::Fatal { .. });
+            replies.push(m);
+            if last {
+                break;
+            }
+        }
         drop(input);
         let _ = child.wait();
-        reply
+        (welcome, replies)
     };
+    let mkdir_msg = |id: u64, path: &str| Msg::Mkdir {
+        id,
+        path: path.as_bytes().to_vec(),
+        attrs: Attrs {
+            mode: 0o755,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            uid: 0,
+            gid: 0,
+        },
+    };
+    // Hello with `epoch`, then a Mkdir; the agent's answer.
+    let mkdir = |epoch: u64| -> Msg { session(epoch, &[mkdir_msg(1, "new-dir")]).1.remove(0) };
     let set_record = |role: &str, epoch: u64| write_record(&state, "okm2", role, epoch);
     let refused = |reply: Msg, needle: &str| match reply {
         Msg::Fatal { message } => assert!(message.contains(needle), "{message}"),
@@ -534,6 +545,91 @@ fn the_agent_writes_only_into_a_standby_of_the_callers_epoch() {
     std::fs::remove_file(state.join("state.json")).unwrap();
     assert!(matches!(mkdir(5), Msg::Done { id: 1, .. }));
     assert!(root.join("new-dir").is_dir());
+    std::fs::remove_dir(root.join("new-dir")).unwrap();
+
+    // The Welcome carries the record as the agent read it: none yet, then
+    // the file's bytes.
+    let record_of = |welcome: Msg| match welcome {
+        Msg::Welcome { record, .. } => record,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(record_of(session(0, &[]).0), wire::Record::Absent);
+    set_record("standby", 2);
+    let bytes = std::fs::read(state.join("state.json")).unwrap();
+    assert_eq!(record_of(session(0, &[]).0), wire::Record::Present(bytes));
+
+    // A caller that said Hello before it knew the direction (epoch 0)
+    // claims the primary's epoch: a write is allowed at the standby's...
+    let claim = |epoch: u64| Msg::Claim { epoch };
+    let (_, replies) = session(0, &[claim(2), mkdir_msg(1, "new-dir")]);
+    assert!(matches!(replies[0], Msg::Done { id: 1, .. }), "{replies:?}");
+    assert!(root.join("new-dir").is_dir());
+    // ...and refused at another, even after Hello named the right one, and
+    // even when writes were allowed before the Claim.
+    refused(
+        session(2, &[claim(1), mkdir_msg(1, "other")]).1.remove(0),
+        "the caller copies from a primary at epoch 1",
+    );
+    let (_, replies) = session(
+        2,
+        &[mkdir_msg(1, "first"), claim(3), mkdir_msg(2, "second")],
+    );
+    assert!(matches!(replies[0], Msg::Done { id: 1, .. }), "{replies:?}");
+    refused(
+        replies[1].clone(),
+        "the caller copies from a primary at epoch 3",
+    );
+    assert!(!root.join("other").exists() && !root.join("second").exists());
+}
+
+/// `sync --files-only` between two nodes opens ONE SSH connection to each:
+/// the agent's Welcome carries its node's state record, so no second
+/// connection reads it (a handshake costs CPU the no-change run cannot
+/// spare). With and without records, over OpenSSH and libssh2.
+#[test]
+fn files_only_opens_one_ssh_connection_per_node() {
+    let c = cluster();
+    let logins = |i: usize| {
+        std::fs::read_to_string(&c.nodes[i].sshd.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("Accepted publickey"))
+            .count()
+    };
+    for client in ["openssh", "libssh2"] {
+        // Exclusive: no other test logs in meanwhile.
+        let mut s = Setup::exclusive(&format!("roles-one-connection-{client}"));
+        s.engine = None;
+        s.ssh_client = Some(client);
+        let cfg = s.write();
+        crate::sync::write(&s.roots[0], "repository/a.txt", b"a");
+        crate::sync::write(&s.roots[0], "repository/b/c.txt", b"c");
+        crate::sync::write(&s.roots[1], "stale.txt", b"old");
+        let run = |what: &str| {
+            let before = [logins(0), logins(1)];
+            hasync()
+                .config(&cfg)
+                .args(["sync", "--files-only"])
+                .run()
+                .code(0);
+            let after = [logins(0), logins(1)];
+            assert_eq!(
+                (after[0] - before[0], after[1] - before[1]),
+                (1, 1),
+                "{client}, {what}: SSH logins on (okm1, okm2)"
+            );
+            crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+        };
+        // No records yet: the roles come from the config.
+        run("no records");
+        // Records (the usual case), then a run with nothing to do.
+        write_record(&s.state_dirs[0], "okm1", "primary", 4);
+        write_record(&s.state_dirs[1], "okm2", "standby", 4);
+        crate::sync::write(&s.roots[0], "repository/d.txt", b"d");
+        run("records");
+        run("nothing to do");
+        assert_eq!(role_of(&s, 1), ("standby".into(), 4));
+    }
 }
 
 /// Rejoin on PostgreSQL: the fenced node's live database is dumped into
@@ -660,4 +756,63 @@ fn promote_refusals_and_two_primaries() {
         .code(1)
         .stderr_has("two primaries at epoch 3");
     assert!(!s.roots[1].join("x.txt").exists());
+}
+
+/// `sync --files-only` decides from the records the agents send, with the
+/// same answers as from records read over a connection of their own: an
+/// unreadable record and another node's record are refused with the same
+/// words, a dry run leaves an old primary as it is while a run fences it,
+/// and `--to` picks the standby (or finds none).
+#[test]
+fn files_only_direction_from_the_agents_records() {
+    let s = crate::sync::files_only("roles-files-only-records");
+    let cfg = s.write();
+    crate::sync::write(&s.roots[0], "a.txt", b"a");
+    let files_only = |extra: &[&str]| {
+        let mut args = vec!["sync", "--files-only"];
+        args.extend_from_slice(extra);
+        hasync().config(&cfg).args(args).run()
+    };
+    let copied = || s.roots[1].join("a.txt").exists();
+
+    std::fs::create_dir_all(&s.state_dirs[1]).unwrap();
+    std::fs::write(s.state_dirs[1].join("state.json"), "{ not json").unwrap();
+    files_only(&[])
+        .code(1)
+        .stderr_has("state record of okm2")
+        .stderr_has("unreadable (")
+        .stderr_has("move it aside to start from the config again");
+    write_record(&s.state_dirs[1], "okm1", "standby", 1);
+    files_only(&[])
+        .code(1)
+        .stderr_has("it is the record of node okm1: two nodes share this state_dir");
+    assert!(!copied());
+
+    // okm2 was promoted while okm1 was away.
+    write_record(&s.state_dirs[0], "okm1", "primary", 1);
+    write_record(&s.state_dirs[1], "okm2", "primary", 2);
+    files_only(&["--dry-run"])
+        .code(1)
+        .stderr_has("okm1 was primary at epoch 1, but okm2 was promoted at epoch 2");
+    assert_eq!(
+        role_of(&s, 0),
+        ("primary".into(), 1),
+        "a dry run fences nothing"
+    );
+    files_only(&[])
+        .code(1)
+        .stderr_has("CRITICAL: okm1 was primary at epoch 1");
+    assert_eq!(role_of(&s, 0), ("fenced".into(), 1));
+    assert!(!copied());
+
+    write_record(&s.state_dirs[0], "okm1", "primary", 3);
+    write_record(&s.state_dirs[1], "okm2", "standby", 3);
+    files_only(&["--to", "okm1"])
+        .code(1)
+        .stderr_has("no standby of okm1 (epoch 3) to copy to: okm2: not the --to node");
+    assert!(!copied());
+    files_only(&["--to", "okm2"])
+        .code(0)
+        .stderr_lacks("left out");
+    crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
 }
