@@ -33,7 +33,8 @@
 //!   their attributes, made durable, and only then `renameat`ed over the
 //!   final name.
 //!   A crash leaves at most such a temporary file; [`Root::remove_leftovers`]
-//!   deletes them and [`scan`] never reports them. The pattern is reserved:
+//!   (or a scan with cleanup, [`Root::scan_cleaning`]) deletes them and
+//!   [`scan`] never reports them. The pattern is reserved:
 //!   a peer path with a component matching it is refused, so the peer cannot
 //!   create files that cleanup would later delete or that collide with ours.
 //! - **plant privilege escalations.** A peer could otherwise create a
@@ -98,8 +99,9 @@
 //! - **Temporary files** are buffered ([`WRITE_BUFFER`]) and hash what is
 //!   written ([`TempFile::hash`], [`TempFile::bytes_written`]), so the
 //!   agent can check the result against the sender's `End` without reading
-//!   it back. The agent should call [`Root::remove_leftovers`] before it
-//!   scans (the protocol's `cleanup` flag); the scan skips leftovers anyway.
+//!   it back. The agent scans with [`Root::scan_cleaning`] when asked to
+//!   clean up (the protocol's `cleanup` flag): the walk that lists the tree
+//!   deletes the leftovers it meets, no second walk.
 //! - **Owner and mode** as given (`owner: None` leaves the owner, which is
 //!   what a non-root agent must pass). Mode bits are masked to `0o7777`.
 //!   Setting attributes opens the file or directory read-only (regular
@@ -1535,6 +1537,28 @@ impl Root {
             ScanConfig::default_for_host(),
         )
     }
+
+    /// [`Root::scan`] that also deletes the leftover temporary files of
+    /// interrupted runs it meets (counted in [`Scan::removed`]): what
+    /// [`Root::remove_leftovers`] does, without a second walk of the tree.
+    /// Excluded directories are not entered, so leftovers in a directory
+    /// excluded since the interrupted run stay (hasync never touches an
+    /// excluded path).
+    pub fn scan_cleaning(
+        &self,
+        exclude: &(dyn Fn(&[u8], bool) -> bool + Sync),
+        with_hash: bool,
+    ) -> Result<Scan, FsError> {
+        scan_fd(
+            self.fd.as_fd(),
+            exclude,
+            with_hash,
+            ScanConfig {
+                cleanup: true,
+                ..ScanConfig::default_for_host()
+            },
+        )
+    }
 }
 
 fn open_root(path: &Path) -> Result<OwnedFd, FsError> {
@@ -1947,6 +1971,8 @@ pub struct Scan {
     pub entries: Vec<Entry>,
     /// Sorted by `path` bytes.
     pub skipped: Vec<Skipped>,
+    /// Leftover temporary files deleted ([`Root::scan_cleaning`]).
+    pub removed: u64,
 }
 
 /// Scans the tree under `root` (not the root itself), never following
@@ -1985,6 +2011,8 @@ struct Walker<'a> {
     exclude: &'a (dyn Fn(&[u8], bool) -> bool + Sync),
     /// Hash files up to this size while walking (`None`: no hashing).
     inline_hash: Option<u64>,
+    /// Delete the leftover temporary files met on the way.
+    cleanup: bool,
     queue: Mutex<Queue>,
     wake: Condvar,
 }
@@ -1995,6 +2023,7 @@ struct ScanConfig {
     walk_threads: usize,
     hash_threads: usize,
     inline_hash_max: u64,
+    cleanup: bool,
 }
 
 impl ScanConfig {
@@ -2006,6 +2035,7 @@ impl ScanConfig {
                 .unwrap_or(1)
                 .clamp(1, 8),
             inline_hash_max: INLINE_HASH_MAX,
+            cleanup: false,
         }
     }
 }
@@ -2014,6 +2044,7 @@ impl ScanConfig {
 struct Found {
     entries: Vec<Entry>,
     skipped: Vec<Skipped>,
+    removed: u64,
 }
 
 fn scan_fd(
@@ -2026,6 +2057,7 @@ fn scan_fd(
         root,
         exclude,
         inline_hash: with_hash.then_some(config.inline_hash_max),
+        cleanup: config.cleanup,
         queue: Mutex::new(Queue {
             jobs: vec![Job {
                 parent: None,
@@ -2057,6 +2089,7 @@ fn scan_fd(
         let found = r?;
         scan.entries.extend(found.entries);
         scan.skipped.extend(found.skipped);
+        scan.removed += found.removed;
     }
     scan.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     if with_hash {
@@ -2201,6 +2234,12 @@ impl Walker<'_> {
                         path,
                         reason: SkipReason::Reserved,
                     });
+                } else if self.cleanup {
+                    match sys::unlinkat(fd.as_fd(), name, 0) {
+                        Ok(()) => found.removed += 1,
+                        Err(e) if errno(&e) == libc::ENOENT => {}
+                        Err(e) => return Err(io_err("remove leftover", &path, e)),
+                    }
                 }
                 continue;
             }
@@ -2945,9 +2984,33 @@ mod tests {
 
         assert_eq!(r.remove_leftovers().unwrap(), 3);
         assert_eq!(r.remove_leftovers().unwrap(), 0);
-        assert_eq!(listing(&p(&f.root_path, "a/b")), vec![b"real".to_vec()]);
-        assert_eq!(listing(&p(&f.root_path, "a")), vec![b"b".to_vec()]);
-        assert_eq!(listing(&f.root_path).len(), 4);
+        let cleaned = |f: &Fixture| {
+            assert_eq!(listing(&p(&f.root_path, "a/b")), vec![b"real".to_vec()]);
+            assert_eq!(listing(&p(&f.root_path, "a")), vec![b"b".to_vec()]);
+            assert_eq!(listing(&f.root_path).len(), 4);
+        };
+        cleaned(&f);
+
+        // The same leftovers again: a scan with cleanup lists what the plain
+        // scan listed and deletes them on the way.
+        fs::write(p(&f.root_path, ".x.hasync-0123456789abcdef.tmp"), b"").unwrap();
+        std::os::unix::fs::symlink("t", p(&f.root_path, "a/.l.hasync-fedcba9876543210.tmp"))
+            .unwrap();
+        let mut t = r.begin_file(b"a/b/crashed").unwrap();
+        t.write_all(b"half").unwrap();
+        t.flush().unwrap();
+        std::mem::forget(t);
+        let c = r.scan_cleaning(&|_, _| false, false).unwrap();
+        // (The directories' mtimes moved with the leftovers' removal.)
+        let kinds = |s: &Scan| -> Vec<(Vec<u8>, Kind)> {
+            s.entries.iter().map(|e| (e.path.clone(), e.kind)).collect()
+        };
+        assert_eq!(kinds(&c), kinds(&s));
+        assert_eq!(c.skipped, s.skipped);
+        assert_eq!(c.removed, 3);
+        assert_eq!(s.removed, 0);
+        cleaned(&f);
+        assert_eq!(r.scan_cleaning(&|_, _| false, false).unwrap().removed, 0);
     }
 
     #[test]
@@ -3270,6 +3333,7 @@ mod tests {
             walk_threads: 1,
             hash_threads: 1,
             inline_hash_max: 0,
+            cleanup: false,
         };
         let one = scan_fd(f.root.fd.as_fd(), &|_, _| false, false, one_thread).unwrap();
         assert_eq!(one.entries, plain.entries);
@@ -3279,6 +3343,7 @@ mod tests {
             walk_threads: 2,
             hash_threads: 3,
             inline_hash_max: 0,
+            cleanup: false,
         };
         let later = scan_fd(f.root.fd.as_fd(), &|_, _| false, true, deferred).unwrap();
         assert_eq!(hashed.entries, later.entries);
@@ -3469,6 +3534,7 @@ mod tests {
             walk_threads: threads,
             hash_threads: threads,
             inline_hash_max: INLINE_HASH_MAX,
+            cleanup: false,
         };
         let drop_caches = std::env::var_os("HASYNC_DROP_CACHES").is_some();
         for (label, fanout) in [("256x256", 256u32), ("16x16", 16)] {

@@ -564,14 +564,15 @@ impl<W: Write> Session<W> {
                 })
             }
         };
-        if cleanup {
-            if let Err(e) = self.root()?.remove_leftovers() {
-                return self.send_fs_fail(id, &e);
-            }
-        }
         let exclude =
             |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
-        match self.root()?.scan(&exclude, checksum) {
+        let root = self.root()?;
+        let scanned = if cleanup {
+            root.scan_cleaning(&exclude, checksum)
+        } else {
+            root.scan(&exclude, checksum)
+        };
+        match scanned {
             Ok(scan) => {
                 let entries: Vec<wire::Entry> = scan.entries;
                 for batch in entries.chunks(2048) {
