@@ -295,6 +295,9 @@ fn run_db(cli: &Cli, args: &SyncArgs, log: &Log) -> Result<Exit> {
                     human_bytes((b as f64 / p.secs.max(0.001)) as u64)
                 );
             }
+            if p.name == "dump and load" && s.streams > 1 {
+                line += &format!(", {} streams in parallel", s.streams);
+            }
             if p.name == "read-only" {
                 line += &format!(
                     ", {} readonly_sql statement(s) checked",

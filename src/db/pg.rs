@@ -93,12 +93,129 @@ pub fn dump_command(db: &Database, passfile: Option<&str>, snapshot: Option<&str
 /// error stops it.
 pub fn load_command(db: &Database, passfile: Option<&str>, staging: &str) -> String {
     format!(
-        "{}exec {}psql -X -q {} -v ON_ERROR_STOP=1 --dbname={} >/dev/null",
+        "{} >/dev/null",
+        load_command_with_output(db, passfile, staging)
+    )
+}
+
+/// [`load_command`] with psql's standard output kept: the query results of
+/// the dump's `SELECT`s, and the lines of the `\echo`s hasync adds (psql
+/// flushes after each), which say how far the load got.
+pub fn load_command_with_output(db: &Database, passfile: Option<&str>, staging: &str) -> String {
+    format!(
+        "{}exec {}psql -X -q {} -v ON_ERROR_STOP=1 --dbname={}",
         need("psql"),
         env(passfile),
         conn_args(db),
         shell_quote(staging)
     )
+}
+
+/// One section of the dump for a load in two streams, in the exported
+/// `snapshot`: `section` is `pre-data`, `data` or `post-data`; for `data`,
+/// `side` selects the tables whose rows are dumped (`Some(true)`: only
+/// theirs; `Some(false)`: everyone else's, sequences and large objects
+/// included). Table names are plain (see [`second_stream_tables`]), so the
+/// patterns match exactly one table each.
+pub fn dump_part_command(
+    db: &Database,
+    passfile: Option<&str>,
+    snapshot: &str,
+    section: &str,
+    side: &[TableName],
+    only: Option<bool>,
+) -> String {
+    let tables: String = match only {
+        None => String::new(),
+        Some(only) => side
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}={}.{} ",
+                    if only {
+                        "--table"
+                    } else {
+                        "--exclude-table-data"
+                    },
+                    t.schema,
+                    t.name
+                )
+            })
+            .collect(),
+    };
+    format!(
+        "{}exec {}pg_dump {} --format=plain --snapshot={} --section={section} {tables}--dbname={}",
+        need("pg_dump"),
+        env(passfile),
+        conn_args(db),
+        shell_quote(snapshot),
+        shell_quote(&db.name)
+    )
+}
+
+/// Whether `name` needs no quoting anywhere: a lowercase SQL identifier,
+/// which a pg_dump `--table` pattern matches exactly.
+fn plain_identifier(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Which tables a second loader takes, for a load in two streams: the
+/// largest base tables, greedily, until they hold about half of the table
+/// data (the first stream keeps the schema, every other table's rows, and
+/// the indexes and constraints, built after both). `None` when a second
+/// stream would not pay (less than `min_bytes` of table data, a single
+/// table) or cannot be expressed exactly (a table name that would need
+/// quoting in a pg_dump pattern).
+pub fn second_stream_tables(
+    client: &mut Client,
+    min_bytes: u64,
+) -> Result<Option<Vec<TableName>>, DbError> {
+    let sql = format!(
+        "SELECT n.nspname, c.relname, pg_table_size(c.oid)::bigint \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND {USER_NAMESPACES} \
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                         AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 3 DESC, 1, 2"
+    );
+    let tables: Vec<(TableName, u64)> = q(client, &sql)?
+        .iter()
+        .map(|r| {
+            let size: i64 = r.get(2);
+            (
+                TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                },
+                size.max(0) as u64,
+            )
+        })
+        .collect();
+    Ok(split_by_size(&tables, min_bytes))
+}
+
+fn split_by_size(tables: &[(TableName, u64)], min_bytes: u64) -> Option<Vec<TableName>> {
+    let total: u64 = tables.iter().map(|(_, s)| s).sum();
+    if tables.len() < 2 || total < min_bytes {
+        return None;
+    }
+    let (mut side, mut side_bytes, mut rest_bytes) = (Vec::new(), 0u64, 0u64);
+    for (t, size) in tables {
+        if side_bytes <= rest_bytes {
+            side.push(t.clone());
+            side_bytes += size;
+        } else {
+            rest_bytes += size;
+        }
+    }
+    side.iter()
+        .all(|t| plain_identifier(&t.schema) && plain_identifier(&t.name))
+        .then_some(side)
 }
 
 fn q(client: &mut Client, sql: &str) -> Result<Vec<::postgres::Row>, DbError> {
@@ -411,4 +528,65 @@ pub fn run_checked(
     }
     tx.commit().map_err(|e| pg_error("COMMIT", e))?;
     Ok(statements.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(schema: &str, name: &str) -> TableName {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn the_second_stream_takes_the_largest_tables_up_to_about_half() {
+        let tables = [
+            (t("public", "docs"), 330),
+            (t("public", "activity"), 214),
+            (t("public", "versions"), 140),
+            (t("public", "nodes"), 90),
+            (t("public", "config"), 1),
+        ];
+        // docs (330) vs activity + versions (354); then nodes to docs.
+        assert_eq!(
+            split_by_size(&tables, 100),
+            Some(vec![t("public", "docs"), t("public", "nodes")])
+        );
+        assert_eq!(split_by_size(&tables, 1000), None, "too little data");
+        assert_eq!(split_by_size(&tables[..1], 0), None, "one table");
+        let mut quoted = tables.clone();
+        quoted[0].0 = t("public", "Docs");
+        assert_eq!(split_by_size(&quoted, 0), None, "needs quoting");
+        // Only the second stream's tables are named in patterns.
+        let mut other = tables.clone();
+        other[1].0 = t("public", "Activity Log");
+        assert!(split_by_size(&other, 0).is_some());
+    }
+
+    #[test]
+    fn dump_parts_name_their_tables_exactly() {
+        let db = Database {
+            engine: crate::config::Engine::Postgres,
+            name: "okmdb".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "okm".into(),
+            password_file: None,
+            readonly_sql: vec![],
+            readwrite_sql: vec![],
+            early_restart: false,
+        };
+        let side = [t("public", "docs"), t("s2", "nodes")];
+        let only = dump_part_command(&db, None, "00000003-1", "data", &side, Some(true));
+        assert!(only.contains("--section=data --table=public.docs --table=s2.nodes --dbname="));
+        let rest = dump_part_command(&db, None, "00000003-1", "data", &side, Some(false));
+        assert!(rest
+            .contains("--exclude-table-data=public.docs --exclude-table-data=s2.nodes --dbname="));
+        let pre = dump_part_command(&db, None, "00000003-1", "pre-data", &side, None);
+        assert!(pre.contains("00000003-1 --section=pre-data --dbname="));
+        assert!(!pre.contains("docs"));
+    }
 }

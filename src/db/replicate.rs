@@ -7,6 +7,8 @@
 //!    the vendor dump tool on the primary streams into the vendor client on
 //!    the mirror, through this process, which counts every row as it passes
 //!    (see [`super::stream`]). The live mirror database is not touched.
+//!    PostgreSQL databases of [`PG_SPLIT_MIN`] or more load in two streams
+//!    from the one exported snapshot ([`stream_pg_split`]).
 //! 2. **Verify.** The staging database must hold the primary's objects
 //!    (tables, views, routines, triggers, events, types, ...) and exactly the
 //!    rows of the dump's snapshot, table by table. PostgreSQL's rows are also
@@ -25,7 +27,9 @@
 //! never appear on a command line.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -90,6 +94,8 @@ pub struct DbSummary {
     pub rows: u64,
     /// Bytes of dump streamed.
     pub bytes: u64,
+    /// Loads that ran at once (2: see [`stream_pg_split`]).
+    pub streams: usize,
     /// Objects compared (tables, views, routines, triggers, ...).
     pub objects: usize,
     pub readonly_statements: usize,
@@ -525,6 +531,304 @@ fn stream(
     Ok(counter)
 }
 
+/// PostgreSQL databases with at least this much table data load in two
+/// streams ([`stream_pg_split`]); below it a second SSH connection and two
+/// more pg_dump runs cost more than they save.
+pub const PG_SPLIT_MIN: u64 = 64 << 20;
+
+/// [`PG_SPLIT_MIN`], unless the environment's `HASYNC_PG_SPLIT_MIN` (bytes)
+/// says otherwise: the tests load their small databases in two streams
+/// with 0, and a sysadmin can turn the split off with a huge value.
+fn pg_split_min() -> u64 {
+    std::env::var("HASYNC_PG_SPLIT_MIN")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(PG_SPLIT_MIN)
+}
+
+/// What the first loader of [`stream_pg_split`] prints once the schema
+/// (pre-data) ran, so that the second may load its tables.
+const SCHEMA_LOADED: &str = "hasync: schema loaded";
+
+/// Where a relay of [`stream_pg_split`] stopped.
+enum Broke {
+    /// Reading the dump failed.
+    Read(std::io::Error),
+    /// Writing into the loader failed (it died).
+    Write(std::io::Error),
+    /// The first loader ended without saying the schema was loaded.
+    NoSchema,
+    /// The other stream failed; its own error is the one to report.
+    Other,
+}
+
+/// Copy a dump into a loader, counting its rows and the bytes streamed.
+fn relay(
+    from: &mut dyn Read,
+    to: &mut dyn Write,
+    counter: &mut RowCounter,
+    streamed: &AtomicU64,
+    progress: Option<&dyn DbProgress>,
+) -> Result<(), Broke> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Broke::Read(e)),
+        };
+        counter.feed(&buf[..n]);
+        let total = streamed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if let Some(p) = progress {
+            p.streamed(total);
+        }
+        to.write_all(&buf[..n]).map_err(Broke::Write)?;
+    }
+}
+
+/// PostgreSQL's load in two streams, both in the exported `snapshot` (one
+/// consistent copy, no lock beyond pg_dump's own):
+///
+/// - the first loader gets the schema (`--section=pre-data`), then the rows
+///   of every table but `side`'s (with the sequences and large objects),
+///   then, once the second loader has finished, the indexes, constraints
+///   and triggers (`--section=post-data`), as one load would;
+/// - the second loader gets the rows of the `side` tables, as soon as the
+///   first says the schema is loaded (a line psql echoes).
+///
+/// All four dumps and both loaders start at once (a dump waits on its pipe
+/// until it is read), so the two SSH handshakes and the dumps' catalog
+/// reads overlap. A failure anywhere kills every process; the error
+/// reported is the first loader's or dump's own (as [`stream`] reports
+/// them), and staging is dropped by the caller.
+#[allow(clippy::too_many_arguments)]
+fn stream_pg_split(
+    src: &End,
+    dst: &End,
+    staging: &str,
+    snapshot: &str,
+    side: &[TableName],
+    src_pass: Option<&str>,
+    dst_pass: Option<&str>,
+    progress: &dyn DbProgress,
+) -> Result<RowCounter, StepError> {
+    const LOADERS: usize = 2;
+    let part = |section: &str, only| {
+        pg::dump_part_command(src.db, src_pass, snapshot, section, side, only)
+    };
+    let commands = [
+        pg::load_command_with_output(dst.db, dst_pass, staging),
+        pg::load_command(dst.db, dst_pass, staging),
+        part("pre-data", None),
+        part("data", Some(false)),
+        part("data", Some(true)),
+        part("post-data", None),
+    ];
+    let mut procs = Vec::new();
+    for (i, cmd) in commands.iter().enumerate() {
+        let spawned = if i < LOADERS {
+            dst.spawn_bulk(cmd).map_err(|e| fail("load", dst.name(), e))
+        } else {
+            src.spawn_bulk(cmd).map_err(|e| fail("dump", src.name(), e))
+        };
+        match spawned {
+            Ok(p) => procs.push(p),
+            Err(e) => {
+                for mut p in procs {
+                    p.kill();
+                    let _ = p.wait();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut main_in = procs[0].take_stdin().expect("loader stdin");
+    let mut side_in = procs[1].take_stdin().expect("loader stdin");
+    let mut outs: Vec<Box<dyn Read + Send>> = procs
+        .iter_mut()
+        .map(|p| std::mem::replace(&mut p.stdout, Box::new(std::io::empty())))
+        .collect();
+    let [schema_said, _, mut pre_out, mut rest_out, mut side_out, mut post_out]: [_; 6] =
+        std::mem::take(&mut outs)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("six processes"));
+    let procs: Vec<Mutex<Option<crate::transport::Process>>> =
+        procs.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let kill_all = || {
+        for p in &procs {
+            if let Some(p) = p.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                p.kill();
+            }
+        }
+    };
+    let take = |i: usize| procs[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+    let streamed = &AtomicU64::new(0);
+    let mut counters: Vec<RowCounter> = (0..4).map(|_| RowCounter::new(Format::Postgres)).collect();
+    let [pre_c, rest_c, side_c, post_c]: &mut [RowCounter; 4] =
+        (&mut counters[..]).try_into().expect("four counters");
+
+    let (main_result, side_result, side_load) = std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        // The first loader's output: the query results of the dump's
+        // SELECTs, and our line once the schema is in.
+        s.spawn(move || {
+            let mut r = std::io::BufReader::new(schema_said);
+            let mut line = Vec::new();
+            while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                if line.trim_ascii_end() == SCHEMA_LOADED.as_bytes() {
+                    let _ = ready_tx.send(());
+                }
+                line.clear();
+            }
+        });
+        let side = s.spawn(move || {
+            let result = (|| {
+                ready_rx.recv().map_err(|_| Broke::NoSchema)?;
+                relay(&mut side_out, &mut side_in, side_c, streamed, None)
+            })();
+            drop(side_in);
+            // Its load must be complete before the indexes and constraints.
+            let out = if result.is_ok() {
+                take(1).map(|p| p.wait())
+            } else {
+                None
+            };
+            let ok = matches!(&out, Some(Ok(o)) if o.success());
+            if result.is_err() || !ok {
+                kill_all();
+            }
+            (result, out)
+        });
+        let main = (|| {
+            relay(&mut pre_out, &mut main_in, pre_c, streamed, Some(progress))?;
+            main_in
+                .write_all(format!("\\echo {SCHEMA_LOADED}\n").as_bytes())
+                .map_err(Broke::Write)?;
+            relay(
+                &mut rest_out,
+                &mut main_in,
+                rest_c,
+                streamed,
+                Some(progress),
+            )?;
+            Ok(())
+        })();
+        if main.is_err() {
+            kill_all();
+        }
+        let (side_result, side_load) = side.join().expect("side stream panicked");
+        let side_ok = side_result.is_ok() && matches!(&side_load, Some(Ok(o)) if o.success());
+        let main = main.and_then(|()| {
+            if !side_ok {
+                return Err(Broke::Other);
+            }
+            relay(
+                &mut post_out,
+                &mut main_in,
+                post_c,
+                streamed,
+                Some(progress),
+            )
+        });
+        if main.is_err() {
+            kill_all();
+        }
+        drop(main_in);
+        (main, side_result, side_load)
+    });
+    // Every process's fate, loaders first (index 1: the second loader's,
+    // waited for above unless it never got that far).
+    let outputs: Vec<Option<crate::transport::ExecOutput>> = (0..procs.len())
+        .map(|i| match i {
+            1 if take(1).is_none() => match &side_load {
+                Some(Ok(o)) => Some(o.clone()),
+                _ => None,
+            },
+            _ => take(i).and_then(|p| p.wait().ok()),
+        })
+        .collect();
+    drop(procs);
+    // The cause is a process that failed by itself (137: killed by us).
+    let failed = |i: usize| {
+        outputs[i]
+            .as_ref()
+            .filter(|o| !o.success() && o.status != 137)
+    };
+    let bytes = streamed.load(Ordering::Relaxed);
+    for i in 0..LOADERS {
+        if let Some(o) = failed(i) {
+            let tail = o.stderr_tail();
+            let hint = load_hint(&tail);
+            return Err(fail(
+                "load",
+                dst.name(),
+                format!(
+                    "loading into the staging database failed (exit {}) after {} of dump: {tail}{hint}; the live database was not touched",
+                    o.status,
+                    crate::sync::plan::human_bytes(bytes)
+                ),
+            ));
+        }
+    }
+    if let Some(o) = (LOADERS..outputs.len()).find_map(failed) {
+        return Err(fail(
+            "dump",
+            src.name(),
+            format!(
+                "the dump tool failed (exit {}): {}; the live database was not touched",
+                o.status,
+                o.stderr_tail()
+            ),
+        ));
+    }
+    for r in [main_result, side_result] {
+        match r {
+            Ok(()) | Err(Broke::Other) => {}
+            Err(Broke::Read(e) | Broke::Write(e)) => {
+                return Err(fail(
+                    "dump and load",
+                    dst.name(),
+                    format!("the stream broke: {e}; the live database was not touched"),
+                ))
+            }
+            Err(Broke::NoSchema) => {
+                return Err(fail(
+                    "load",
+                    dst.name(),
+                    "the first loader ended before it loaded the schema; the live database was not touched",
+                ))
+            }
+        }
+    }
+    if let Some(o) = outputs.iter().flatten().find(|o| !o.success()) {
+        return Err(fail(
+            "dump and load",
+            dst.name(),
+            format!(
+                "a dump or load was stopped (exit {}): {}; the live database was not touched",
+                o.status,
+                o.stderr_tail()
+            ),
+        ));
+    }
+    if let Some(c) = counters.iter().find(|c| !c.complete()) {
+        return Err(fail(
+            "dump",
+            src.name(),
+            format!(
+                "a part of the dump ended after {} without its completion line: it was cut short",
+                crate::sync::plan::human_bytes(c.bytes())
+            ),
+        ));
+    }
+    let mut total = RowCounter::new(Format::Postgres);
+    for c in &counters {
+        total.absorb(c);
+    }
+    Ok(total)
+}
+
 fn load_hint(stderr: &str) -> &'static str {
     if stderr.contains("ERROR 1227") || stderr.contains("SET USER") {
         "\nhint: the dump has objects whose DEFINER is an account the [database] user may not act as. If it is that user with another host part (`okm`@`localhost` while hasync logs in over TCP as `okm`@`127.0.0.1`), set [database] host so hasync logs in as the same account (host = \"localhost\" uses the socket); otherwise create that account on the mirror, or make the [database] user the DEFINER on the primary"
@@ -631,6 +935,7 @@ fn summary(src: &End, dst: &End) -> DbSummary {
         tables: 0,
         rows: 0,
         bytes: 0,
+        streams: 1,
         objects: 0,
         readonly_statements: 0,
         phases: Vec::new(),
@@ -798,6 +1103,8 @@ fn replicate_pg_staged(
 ) -> Result<DbSummary, StepError> {
     let staging = staging_name(&dst.db.name);
     let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
+    let side = pg::second_stream_tables(&mut pc, pg_split_min())
+        .map_err(|e| fail("preflight", src.name(), e))?;
     let mut mm = dst.pg_maintenance()?;
     pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
 
@@ -807,16 +1114,28 @@ fn replicate_pg_staged(
         let counter = {
             let pf = Secret::pgpass(&*src.t, src.node, "dump.pgpass", src.password.as_deref())?;
             let mf = Secret::pgpass(&*dst.t, dst.node, "load.pgpass", dst.password.as_deref())?;
-            let load = pg::load_command(dst.db, mf.as_ref().map(|s| s.path.as_str()), &staging);
-            stream(
-                src,
-                &pg::dump_command(src.db, pf.as_ref().map(|s| s.path.as_str()), Some(snapshot)),
-                dst,
-                &mut || Ok(load.clone()),
-                Format::Postgres,
-                progress,
-                None,
-            )?
+            let src_pass = pf.as_ref().map(|s| s.path.as_str());
+            let dst_pass = mf.as_ref().map(|s| s.path.as_str());
+            match &side {
+                Some(side) => {
+                    out.streams = 2;
+                    stream_pg_split(
+                        src, dst, &staging, snapshot, side, src_pass, dst_pass, progress,
+                    )?
+                }
+                None => {
+                    let load = pg::load_command(dst.db, dst_pass, &staging);
+                    stream(
+                        src,
+                        &pg::dump_command(src.db, src_pass, Some(snapshot)),
+                        dst,
+                        &mut || Ok(load.clone()),
+                        Format::Postgres,
+                        progress,
+                        None,
+                    )?
+                }
+            }
         };
         // The snapshot is no longer needed once pg_dump ended.
         pg::run(&mut pc, "COMMIT").map_err(|e| fail("dump", src.name(), e))?;

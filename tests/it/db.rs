@@ -428,10 +428,17 @@ pub fn staging_rows(e: Engine, staging: &str) -> u64 {
 /// The mirror's loader dies mid-stream: hasync fails naming the step and
 /// the node, the staging database is dropped, and the live mirror database
 /// is exactly as before.
-fn load_killed_midway(e: Engine) {
-    let db = format!("okmdb_kill_{}", e.name());
+/// `split_min`: HASYNC_PG_SPLIT_MIN for the run ("0": PostgreSQL loads in
+/// two streams, and one of its two loaders is killed).
+fn load_killed_midway(e: Engine, split_min: Option<&str>) {
+    let tag = format!(
+        "{}{}",
+        e.name(),
+        if split_min.is_some() { "_split" } else { "" }
+    );
+    let db = format!("okmdb_kill_{tag}");
     let staging = format!("{db}__hasync_new");
-    let s = setup(e, &format!("db-kill-{}", e.name()), &db);
+    let s = setup(e, &format!("db-kill-{tag}"), &db);
     let cfg = s.write();
     fresh_db(e, 0, &db);
     fresh_db(e, 1, &db);
@@ -439,7 +446,11 @@ fn load_killed_midway(e: Engine) {
     as_okm(e, 1, &db, small_schema(e));
     let before = dump_text(e, 1, &db);
 
-    let running = hasync().config(&cfg).args(["sync", "--db-only"]).spawn();
+    let mut cmd = hasync().config(&cfg).args(["sync", "--db-only"]);
+    if let Some(min) = split_min {
+        cmd = cmd.env("HASYNC_PG_SPLIT_MIN", min);
+    }
+    let running = cmd.spawn();
     wait_until("rows arriving in staging", Duration::from_secs(120), || {
         staging_rows(e, &staging) > 0
     });
@@ -469,12 +480,17 @@ fn load_killed_midway(e: Engine) {
 
 #[test]
 fn load_killed_midway_mysql() {
-    load_killed_midway(Engine::Mysql);
+    load_killed_midway(Engine::Mysql, None);
 }
 
 #[test]
 fn load_killed_midway_postgres() {
-    load_killed_midway(Engine::Postgres);
+    load_killed_midway(Engine::Postgres, None);
+}
+
+#[test]
+fn load_killed_midway_postgres_two_streams() {
+    load_killed_midway(Engine::Postgres, Some("0"));
 }
 
 /// The /proc scan of [`watch_command_lines`] can see `secret` on a command
@@ -788,11 +804,17 @@ fn full_round_trip(e: Engine) {
         )
     };
 
+    // PostgreSQL's first run loads in two streams (forced on this small
+    // database), the second in one (the default threshold).
     let run = hasync()
         .config(&cfg)
+        .env("HASYNC_PG_SPLIT_MIN", "0")
         .args(["-v", "sync", "--db-only"])
         .run();
     run.code(0);
+    if e == Engine::Postgres {
+        run.stderr_has("2 streams in parallel");
+    }
     unflag();
     let primary = dump_text(e, 0, &db);
     for needle in [
