@@ -476,30 +476,9 @@ fn stream(
     drop(stdin);
     let load_out = loader.wait().map_err(|e| fail("load", dst.name(), e))?;
     let dump_out = dumper.wait().map_err(|e| fail("dump", src.name(), e))?;
-    let dump_error = (!dump_out.success()).then(|| {
-        fail(
-            "dump",
-            src.name(),
-            format!(
-                "the dump tool failed (exit {}): {}; the live database was not touched",
-                dump_out.status,
-                dump_out.stderr_tail()
-            ),
-        )
-    });
-    let load_error = (!load_out.success()).then(|| {
-        let tail = load_out.stderr_tail();
-        let hint = load_hint(&tail);
-        fail(
-            "load",
-            dst.name(),
-            format!(
-                "loading into the staging database failed (exit {}) after {} of dump: {tail}{hint}; the live database was not touched",
-                load_out.status,
-                crate::sync::plan::human_bytes(counter.bytes())
-            ),
-        )
-    });
+    let dump_error = (!dump_out.success()).then(|| dump_failed(src.name(), &dump_out));
+    let load_error =
+        (!load_out.success()).then(|| load_failed(dst.name(), &load_out, counter.bytes()));
     // The side that failed first is the cause: a loader that died made the
     // writes fail (and the dumper was killed); a dumper that died cut the
     // stream, and the loader may then choke on half a statement.
@@ -512,21 +491,10 @@ fn stream(
         return Err(e);
     }
     if let Some(e) = write_error.or(read_error) {
-        return Err(fail(
-            "dump and load",
-            dst.name(),
-            format!("the stream broke: {e}; the live database was not touched"),
-        ));
+        return Err(broken_stream(dst.name(), &e));
     }
     if !counter.complete() {
-        return Err(fail(
-            "dump",
-            src.name(),
-            format!(
-                "the dump ended after {} without its completion line: it was cut short",
-                crate::sync::plan::human_bytes(counter.bytes())
-            ),
-        ));
+        return Err(cut_short(src.name(), "the dump", counter.bytes()));
     }
     Ok(counter)
 }
@@ -740,12 +708,10 @@ fn stream_pg_split(
     // Every process's fate, loaders first (index 1: the second loader's,
     // waited for above unless it never got that far).
     let outputs: Vec<Option<crate::transport::ExecOutput>> = (0..procs.len())
-        .map(|i| match i {
-            1 if take(1).is_none() => match &side_load {
-                Some(Ok(o)) => Some(o.clone()),
-                _ => None,
-            },
-            _ => take(i).and_then(|p| p.wait().ok()),
+        .map(|i| match (i, take(i)) {
+            (_, Some(p)) => p.wait().ok(),
+            (1, None) => side_load.as_ref().and_then(|r| r.as_ref().ok()).cloned(),
+            _ => None,
         })
         .collect();
     drop(procs);
@@ -756,42 +722,24 @@ fn stream_pg_split(
             .filter(|o| !o.success() && o.status != 137)
     };
     let bytes = streamed.load(Ordering::Relaxed);
-    for i in 0..LOADERS {
-        if let Some(o) = failed(i) {
-            let tail = o.stderr_tail();
-            let hint = load_hint(&tail);
-            return Err(fail(
-                "load",
-                dst.name(),
-                format!(
-                    "loading into the staging database failed (exit {}) after {} of dump: {tail}{hint}; the live database was not touched",
-                    o.status,
-                    crate::sync::plan::human_bytes(bytes)
-                ),
-            ));
-        }
+    if let Some(o) = (0..LOADERS).find_map(failed) {
+        return Err(load_failed(dst.name(), o, bytes));
     }
     if let Some(o) = (LOADERS..outputs.len()).find_map(failed) {
-        return Err(fail(
-            "dump",
-            src.name(),
-            format!(
-                "the dump tool failed (exit {}): {}; the live database was not touched",
-                o.status,
-                o.stderr_tail()
-            ),
-        ));
+        return Err(dump_failed(src.name(), o));
     }
-    for r in [main_result, side_result] {
+    // A write into a loader that broke: that loader died (it may have been
+    // killed before it could exit by itself, as `stream` reports it too).
+    for (loader, r) in [(0, main_result), (1, side_result)] {
         match r {
             Ok(()) | Err(Broke::Other) => {}
-            Err(Broke::Read(e) | Broke::Write(e)) => {
-                return Err(fail(
-                    "dump and load",
-                    dst.name(),
-                    format!("the stream broke: {e}; the live database was not touched"),
-                ))
+            Err(Broke::Write(e)) => {
+                return Err(match outputs[loader].as_ref().filter(|o| !o.success()) {
+                    Some(o) => load_failed(dst.name(), o, bytes),
+                    None => broken_stream(dst.name(), &e),
+                })
             }
+            Err(Broke::Read(e)) => return Err(broken_stream(dst.name(), &e)),
             Err(Broke::NoSchema) => {
                 return Err(fail(
                     "load",
@@ -813,20 +761,61 @@ fn stream_pg_split(
         ));
     }
     if let Some(c) = counters.iter().find(|c| !c.complete()) {
-        return Err(fail(
-            "dump",
-            src.name(),
-            format!(
-                "a part of the dump ended after {} without its completion line: it was cut short",
-                crate::sync::plan::human_bytes(c.bytes())
-            ),
-        ));
+        return Err(cut_short(src.name(), "a part of the dump", c.bytes()));
     }
     let mut total = RowCounter::new(Format::Postgres);
     for c in &counters {
         total.absorb(c);
     }
     Ok(total)
+}
+
+/// The dump tool on `node` exited with `out`.
+fn dump_failed(node: &str, out: &crate::transport::ExecOutput) -> StepError {
+    fail(
+        "dump",
+        node,
+        format!(
+            "the dump tool failed (exit {}): {}; the live database was not touched",
+            out.status,
+            out.stderr_tail()
+        ),
+    )
+}
+
+/// The loader on `node` exited with `out` after `bytes` of dump.
+fn load_failed(node: &str, out: &crate::transport::ExecOutput, bytes: u64) -> StepError {
+    let tail = out.stderr_tail();
+    let hint = load_hint(&tail);
+    fail(
+        "load",
+        node,
+        format!(
+            "loading into the staging database failed (exit {}) after {} of dump: {tail}{hint}; the live database was not touched",
+            out.status,
+            crate::sync::plan::human_bytes(bytes)
+        ),
+    )
+}
+
+fn broken_stream(node: &str, e: &std::io::Error) -> StepError {
+    fail(
+        "dump and load",
+        node,
+        format!("the stream broke: {e}; the live database was not touched"),
+    )
+}
+
+/// A dump (or a part of one, `what`) that lacks its completion line.
+fn cut_short(node: &str, what: &str, bytes: u64) -> StepError {
+    fail(
+        "dump",
+        node,
+        format!(
+            "{what} ended after {} without its completion line: it was cut short",
+            crate::sync::plan::human_bytes(bytes)
+        ),
+    )
 }
 
 fn load_hint(stderr: &str) -> &'static str {

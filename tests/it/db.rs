@@ -431,14 +431,16 @@ pub fn staging_rows(e: Engine, staging: &str) -> u64 {
 /// `split_min`: HASYNC_PG_SPLIT_MIN for the run ("0": PostgreSQL loads in
 /// two streams, and one of its two loaders is killed).
 fn load_killed_midway(e: Engine, split_min: Option<&str>) {
-    let tag = format!(
-        "{}{}",
-        e.name(),
-        if split_min.is_some() { "_split" } else { "" }
-    );
-    let db = format!("okmdb_kill_{tag}");
+    // (Not a name that starts with another test's: `databases` lists by
+    // prefix.)
+    let kill = if split_min.is_some() {
+        "killsplit"
+    } else {
+        "kill"
+    };
+    let db = format!("okmdb_{kill}_{}", e.name());
     let staging = format!("{db}__hasync_new");
-    let s = setup(e, &format!("db-kill-{tag}"), &db);
+    let s = setup(e, &format!("db-{kill}-{}", e.name()), &db);
     let cfg = s.write();
     fresh_db(e, 0, &db);
     fresh_db(e, 1, &db);
