@@ -33,7 +33,7 @@
 //!   their attributes, made durable, and only then `renameat`ed over the
 //!   final name.
 //!   A crash leaves at most such a temporary file; [`Root::remove_leftovers`]
-//!   (or a scan with cleanup, [`Root::scan_cleaning`]) deletes them and
+//!   (or [`Root::scan`] with cleanup) deletes them and
 //!   [`scan`] never reports them. The pattern is reserved:
 //!   a peer path with a component matching it is refused, so the peer cannot
 //!   create files that cleanup would later delete or that collide with ours.
@@ -99,7 +99,7 @@
 //! - **Temporary files** are buffered ([`WRITE_BUFFER`]) and hash what is
 //!   written ([`TempFile::hash`], [`TempFile::bytes_written`]), so the
 //!   agent can check the result against the sender's `End` without reading
-//!   it back. The agent scans with [`Root::scan_cleaning`] when asked to
+//!   it back. The agent scans with cleanup ([`Root::scan`]) when asked to
 //!   clean up (the protocol's `cleanup` flag): the walk that lists the tree
 //!   deletes the leftovers it meets, no second walk.
 //! - **Owner and mode** as given (`owner: None` leaves the owner, which is
@@ -1524,37 +1524,24 @@ impl Root {
         results
     }
 
-    /// [`scan`] of this root.
+    /// [`scan`] of this root. With `cleanup` it also deletes the leftover
+    /// temporary files of interrupted runs it meets (counted in
+    /// [`Scan::removed`]): what [`Root::remove_leftovers`] does, without a
+    /// second walk of the tree. Excluded directories are not entered, so
+    /// leftovers in a directory excluded since the interrupted run stay
+    /// (hasync never touches an excluded path).
     pub fn scan(
         &self,
         exclude: &(dyn Fn(&[u8], bool) -> bool + Sync),
         with_hash: bool,
-    ) -> Result<Scan, FsError> {
-        scan_fd(
-            self.fd.as_fd(),
-            exclude,
-            with_hash,
-            ScanConfig::default_for_host(),
-        )
-    }
-
-    /// [`Root::scan`] that also deletes the leftover temporary files of
-    /// interrupted runs it meets (counted in [`Scan::removed`]): what
-    /// [`Root::remove_leftovers`] does, without a second walk of the tree.
-    /// Excluded directories are not entered, so leftovers in a directory
-    /// excluded since the interrupted run stay (hasync never touches an
-    /// excluded path).
-    pub fn scan_cleaning(
-        &self,
-        exclude: &(dyn Fn(&[u8], bool) -> bool + Sync),
-        with_hash: bool,
+        cleanup: bool,
     ) -> Result<Scan, FsError> {
         scan_fd(
             self.fd.as_fd(),
             exclude,
             with_hash,
             ScanConfig {
-                cleanup: true,
+                cleanup,
                 ..ScanConfig::default_for_host()
             },
         )
@@ -1971,7 +1958,7 @@ pub struct Scan {
     pub entries: Vec<Entry>,
     /// Sorted by `path` bytes.
     pub skipped: Vec<Skipped>,
-    /// Leftover temporary files deleted ([`Root::scan_cleaning`]).
+    /// Leftover temporary files deleted (a [`Root::scan`] with cleanup).
     pub removed: u64,
 }
 
@@ -2948,21 +2935,24 @@ mod tests {
         r.mkdir(b"a", 0o755).unwrap();
         r.mkdir(b"a/b", 0o755).unwrap();
         write_file(r, b"a/b/real", b"x", &attrs(0o644));
-        fs::write(p(&f.root_path, ".x.hasync-0123456789abcdef.tmp"), b"").unwrap();
-        std::os::unix::fs::symlink("t", p(&f.root_path, "a/.l.hasync-fedcba9876543210.tmp"))
-            .unwrap();
-        // A forgotten temp file, as after a crash (leaks an fd, fine here).
-        let mut t = r.begin_file(b"a/b/crashed").unwrap();
-        t.write_all(b"half").unwrap();
-        t.flush().unwrap();
-        std::mem::forget(t);
+        let leave_leftovers = || {
+            fs::write(p(&f.root_path, ".x.hasync-0123456789abcdef.tmp"), b"").unwrap();
+            std::os::unix::fs::symlink("t", p(&f.root_path, "a/.l.hasync-fedcba9876543210.tmp"))
+                .unwrap();
+            // A forgotten temp file, as after a crash (leaks an fd, fine here).
+            let mut t = r.begin_file(b"a/b/crashed").unwrap();
+            t.write_all(b"half").unwrap();
+            t.flush().unwrap();
+            std::mem::forget(t);
+        };
+        leave_leftovers();
         // Look-alikes that are not ours stay.
         fs::write(p(&f.root_path, ".x.hasync-0123.tmp"), b"").unwrap();
         fs::write(p(&f.root_path, ".x.hasync-0123456789ABCDEF.tmp"), b"").unwrap();
         // A directory named like a temp file is reported, not removed.
         fs::create_dir(p(&f.root_path, ".d.hasync-0123456789abcdef.tmp")).unwrap();
 
-        let s = r.scan(&|_, _| false, false).unwrap();
+        let s = r.scan(&|_, _| false, false, false).unwrap();
         let paths: Vec<&[u8]> = s.entries.iter().map(|e| e.path.as_slice()).collect();
         assert_eq!(
             paths,
@@ -2993,14 +2983,8 @@ mod tests {
 
         // The same leftovers again: a scan with cleanup lists what the plain
         // scan listed and deletes them on the way.
-        fs::write(p(&f.root_path, ".x.hasync-0123456789abcdef.tmp"), b"").unwrap();
-        std::os::unix::fs::symlink("t", p(&f.root_path, "a/.l.hasync-fedcba9876543210.tmp"))
-            .unwrap();
-        let mut t = r.begin_file(b"a/b/crashed").unwrap();
-        t.write_all(b"half").unwrap();
-        t.flush().unwrap();
-        std::mem::forget(t);
-        let c = r.scan_cleaning(&|_, _| false, false).unwrap();
+        leave_leftovers();
+        let c = r.scan(&|_, _| false, false, true).unwrap();
         // (The directories' mtimes moved with the leftovers' removal.)
         let kinds = |s: &Scan| -> Vec<(Vec<u8>, Kind)> {
             s.entries.iter().map(|e| (e.path.clone(), e.kind)).collect()
@@ -3010,7 +2994,7 @@ mod tests {
         assert_eq!(c.removed, 3);
         assert_eq!(s.removed, 0);
         cleaned(&f);
-        assert_eq!(r.scan_cleaning(&|_, _| false, false).unwrap().removed, 0);
+        assert_eq!(r.scan(&|_, _| false, false, true).unwrap().removed, 0);
     }
 
     #[test]
@@ -3352,7 +3336,7 @@ mod tests {
             7
         );
         assert_eq!(
-            f.root.scan(&|_, _| false, false).unwrap().entries,
+            f.root.scan(&|_, _| false, false, false).unwrap().entries,
             plain.entries
         );
     }
@@ -3424,7 +3408,7 @@ mod tests {
         }
         rel.extend_from_slice(b"/f");
         write_file(&f.root, &rel, b"deep", &attrs(0o644));
-        let s = f.root.scan(&|_, _| false, true).unwrap();
+        let s = f.root.scan(&|_, _| false, true, false).unwrap();
         assert_eq!(s.entries.len(), 301);
         assert_eq!(s.entries[300].hash, Some(*blake3::hash(b"deep").as_bytes()));
         f.root.sync_dirs().unwrap();

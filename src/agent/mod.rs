@@ -566,13 +566,7 @@ impl<W: Write> Session<W> {
         };
         let exclude =
             |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
-        let root = self.root()?;
-        let scanned = if cleanup {
-            root.scan_cleaning(&exclude, checksum)
-        } else {
-            root.scan(&exclude, checksum)
-        };
-        match scanned {
+        match self.root()?.scan(&exclude, checksum, cleanup) {
             Ok(scan) => {
                 let entries: Vec<wire::Entry> = scan.entries;
                 for batch in entries.chunks(2048) {
