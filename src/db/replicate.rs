@@ -517,6 +517,8 @@ fn pg_split_min() -> u64 {
 /// What the first loader of [`stream_pg_split`] prints once the schema
 /// (pre-data) ran, so that the second may load its tables.
 const SCHEMA_LOADED: &str = "hasync: schema loaded";
+/// ... and once its rows are in (the indexes and constraints still to come).
+const ROWS_LOADED: &str = "hasync: rows loaded";
 
 /// Where a relay of [`stream_pg_split`] stopped.
 enum Broke {
@@ -524,7 +526,8 @@ enum Broke {
     Read(std::io::Error),
     /// Writing into the loader failed (it died).
     Write(std::io::Error),
-    /// The first loader ended without saying the schema was loaded.
+    /// The first loader ended without saying the schema (or its rows) were
+    /// loaded.
     NoSchema,
     /// The other stream failed; its own error is the one to report.
     Other,
@@ -567,9 +570,12 @@ fn relay(
 ///
 /// All four dumps and both loaders start at once (a dump waits on its pipe
 /// until it is read), so the two SSH handshakes and the dumps' catalog
-/// reads overlap. A failure anywhere kills every process; the error
-/// reported is the first loader's or dump's own (as [`stream`] reports
-/// them), and staging is dropped by the caller.
+/// reads overlap. Once every row is in staging (both loaders said so),
+/// `rows_loaded` is called with the tables that got rows, before the
+/// indexes and constraints are built: their rows can be counted meanwhile.
+/// A failure anywhere kills every process; the error reported is the first
+/// loader's or dump's own (as [`stream`] reports them), and staging is
+/// dropped by the caller.
 #[allow(clippy::too_many_arguments)]
 fn stream_pg_split(
     src: &End,
@@ -580,6 +586,7 @@ fn stream_pg_split(
     src_pass: Option<&str>,
     dst_pass: Option<&str>,
     progress: &dyn DbProgress,
+    rows_loaded: &mut dyn FnMut(Vec<TableName>),
 ) -> Result<RowCounter, StepError> {
     const LOADERS: usize = 2;
     let part = |section: &str, only| {
@@ -638,14 +645,18 @@ fn stream_pg_split(
 
     let (main_result, side_result, side_load) = std::thread::scope(|s| {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (rows_tx, rows_rx) = std::sync::mpsc::channel::<()>();
         // The first loader's output: the query results of the dump's
-        // SELECTs, and our line once the schema is in.
+        // SELECTs, and our lines once the schema, then the rows, are in.
         s.spawn(move || {
             let mut r = std::io::BufReader::new(schema_said);
             let mut line = Vec::new();
             while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-                if line.trim_ascii_end() == SCHEMA_LOADED.as_bytes() {
+                let said = line.trim_ascii_end();
+                if said == SCHEMA_LOADED.as_bytes() {
                     let _ = ready_tx.send(());
+                } else if said == ROWS_LOADED.as_bytes() {
+                    let _ = rows_tx.send(());
                 }
                 line.clear();
             }
@@ -666,7 +677,8 @@ fn stream_pg_split(
             if result.is_err() || !ok {
                 kill_all();
             }
-            (result, out)
+            let tables: Vec<TableName> = side_c.rows().keys().cloned().collect();
+            (result, out, tables)
         });
         let main = (|| {
             relay(&mut pre_out, &mut main_in, pre_c, streamed, Some(progress))?;
@@ -680,17 +692,25 @@ fn stream_pg_split(
                 streamed,
                 Some(progress),
             )?;
+            main_in
+                .write_all(format!("\\echo {ROWS_LOADED}\n").as_bytes())
+                .map_err(Broke::Write)?;
+            main_in.flush().map_err(Broke::Write)?;
             Ok(())
         })();
         if main.is_err() {
             kill_all();
         }
-        let (side_result, side_load) = side.join().expect("side stream panicked");
+        let (side_result, side_load, side_tables) = side.join().expect("side stream panicked");
         let side_ok = side_result.is_ok() && matches!(&side_load, Some(Ok(o)) if o.success());
         let main = main.and_then(|()| {
             if !side_ok {
                 return Err(Broke::Other);
             }
+            rows_rx.recv().map_err(|_| Broke::NoSchema)?;
+            let mut tables: Vec<TableName> = rest_c.rows().keys().cloned().collect();
+            tables.extend(side_tables);
+            rows_loaded(tables);
             relay(
                 &mut post_out,
                 &mut main_in,
@@ -1097,6 +1117,8 @@ fn replicate_pg_staged(
     let mut mm = dst.pg_maintenance()?;
     pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
 
+    type Counting = std::thread::JoinHandle<Result<BTreeMap<TableName, u64>, DbError>>;
+    let mut early_counts: Option<Counting> = None;
     let staged = (|| {
         let t = Instant::now();
         progress.phase("dump and load");
@@ -1108,8 +1130,27 @@ fn replicate_pg_staged(
             match &side {
                 Some(side) => {
                     out.streams = 2;
+                    // Staging's rows are counted while its indexes and
+                    // constraints are built (a count and CREATE INDEX do
+                    // not block each other; ALTER TABLE waits for a count
+                    // of its table at most).
+                    let mut conn = Some(dst.pg(&staging)?);
+                    let mut count_early = |tables: Vec<TableName>| {
+                        if let Some(mut c) = conn.take() {
+                            early_counts =
+                                Some(std::thread::spawn(move || pg::counts(&mut c, &tables)));
+                        }
+                    };
                     stream_pg_split(
-                        src, dst, &staging, snapshot, side, src_pass, dst_pass, progress,
+                        src,
+                        dst,
+                        &staging,
+                        snapshot,
+                        side,
+                        src_pass,
+                        dst_pass,
+                        progress,
+                        &mut count_early,
                     )?
                 }
                 None => {
@@ -1145,8 +1186,22 @@ fn replicate_pg_staged(
         let mut ms = dst.pg(&staging)?;
         let scat = pg::catalog(&mut ms).map_err(|e| fail("verify", dst.name(), e))?;
         verify_objects(pcat, &scat, dst.name())?;
-        let scounts =
-            pg::counts(&mut ms, &scat.tables).map_err(|e| fail("verify", dst.name(), e))?;
+        // Counted during the load's last section, or now (materialized
+        // views, filled by that section, always now).
+        let mut scounts = match early_counts.take() {
+            Some(h) => h
+                .join()
+                .expect("count thread panicked")
+                .map_err(|e| fail("verify", dst.name(), e))?,
+            None => BTreeMap::new(),
+        };
+        let rest: Vec<TableName> = scat
+            .tables
+            .iter()
+            .filter(|t| !scounts.contains_key(*t))
+            .cloned()
+            .collect();
+        scounts.extend(pg::counts(&mut ms, &rest).map_err(|e| fail("verify", dst.name(), e))?);
         out.rows = verify_counts(&pcounts, &scounts, "the primary's snapshot", dst.name())?;
         // The stream must agree too (every COPYed table).
         let streamed: BTreeMap<TableName, u64> = counter
@@ -1177,7 +1232,11 @@ fn replicate_pg_staged(
     })();
     drop(pc);
     if let Err(e) = staged {
+        // (Dropping staging ends an early count still running.)
         let _ = pg::drop_database(&mut mm, &staging);
+        if let Some(h) = early_counts.take() {
+            let _ = h.join();
+        }
         return Err(e);
     }
 
