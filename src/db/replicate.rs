@@ -875,6 +875,38 @@ fn verify_objects(primary: &Catalog, staging: &Catalog, node: &str) -> Result<()
 }
 
 /// Compare row counts; `want` is what the primary or the dump had.
+/// Every table of the primary had its data in the dump: mysqldump announces
+/// each table's rows with a comment (recorded by the counter, with 0 rows
+/// for an empty table), so a table the dump skipped would otherwise look
+/// like an empty one, in staging and in the dump alike. Without any such
+/// comment (a my.cnf with `skip-comments`), there is nothing to check.
+fn verify_data_sections(
+    tables: &[TableName],
+    counter: &RowCounter,
+    primary: &str,
+) -> Result<(), StepError> {
+    if !counter.announces_tables() {
+        return Ok(());
+    }
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|t| !counter.rows().contains_key(*t))
+        .map(ToString::to_string)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        "verify",
+        primary,
+        format!(
+            "the dump carried no data for {} table(s) of the primary ({}); nothing was swapped, the live database was not touched",
+            missing.len(),
+            missing.join(", ")
+        ),
+    ))
+}
+
 fn verify_counts(
     want: &BTreeMap<TableName, u64>,
     got: &BTreeMap<TableName, u64>,
@@ -1018,6 +1050,7 @@ fn replicate_mysql(
         progress.phase("verify");
         let scat = mysql::catalog(&mut mc, &staging).map_err(|e| fail("verify", dst.name(), e))?;
         verify_objects(&pcat, &scat, dst.name())?;
+        verify_data_sections(&pcat.tables, &counter, src.name())?;
         let mut got = BTreeMap::new();
         for table in &scat.tables {
             let n = mysql::count(&mut mc, &staging, table)
@@ -1500,6 +1533,35 @@ mod tests {
             schema: "public".into(),
             name: name.into(),
         }
+    }
+
+    #[test]
+    fn every_table_needs_its_data_section_when_the_dump_announces_them() {
+        let counted = |dump: &str| {
+            let mut c = RowCounter::new(Format::Mysql);
+            c.feed(dump.as_bytes());
+            c
+        };
+        let my = |name: &str| TableName {
+            schema: String::new(),
+            name: name.into(),
+        };
+        let tables = [my("a"), my("b")];
+        let both = counted(
+            "-- Dumping data for table `a`\nINSERT INTO `a` VALUES (1);\n-- Dumping data for table `b`\n",
+        );
+        assert!(verify_data_sections(&tables, &both, "okm1").is_ok());
+        let one = counted("-- Dumping data for table `a`\nINSERT INTO `a` VALUES (1);\n");
+        let e = verify_data_sections(&tables, &one, "okm1").unwrap_err();
+        assert_eq!(e.node, "okm1");
+        assert!(
+            e.detail
+                .contains("no data for 1 table(s) of the primary (b)"),
+            "{e}"
+        );
+        // Comments turned off: nothing to check against.
+        let silent = counted("INSERT INTO `a` VALUES (1);\n");
+        assert!(verify_data_sections(&tables, &silent, "okm1").is_ok());
     }
 
     #[test]

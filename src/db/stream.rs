@@ -28,6 +28,9 @@ use super::TableName;
 /// block (an `INSERT` with a long column list, a `COPY` with many columns).
 const HEAD_MAX: usize = 64 * 1024;
 
+/// The comment mysqldump writes before every table's rows, even none.
+const MYSQL_DATA_COMMENT: &[u8] = b"-- Dumping data for table `";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Mysql,
@@ -63,6 +66,8 @@ pub struct RowCounter {
     bytes: u64,
     /// A `CREATE TABLE` has passed: mysqldump has started its transaction.
     tables_started: bool,
+    /// mysqldump announced at least one table's data (see [`RowCounter::rows`]).
+    data_comments: bool,
 }
 
 impl RowCounter {
@@ -76,6 +81,7 @@ impl RowCounter {
             tail: Vec::new(),
             bytes: 0,
             tables_started: false,
+            data_comments: false,
         }
     }
 
@@ -83,9 +89,18 @@ impl RowCounter {
         self.bytes
     }
 
-    /// Rows per table seen so far. Tables the dump had no rows for are absent.
+    /// Rows per table seen so far. A table the dump had no rows for is
+    /// there with 0 if the dump announced its data (mysqldump's comment,
+    /// pg_dump's COPY), else absent.
     pub fn rows(&self) -> &BTreeMap<TableName, u64> {
         &self.rows
+    }
+
+    /// Whether mysqldump announced each table's data with its comment (it
+    /// does unless told `--skip-comments`, say by a my.cnf): then a table
+    /// absent from [`RowCounter::rows`] had no data section at all.
+    pub fn announces_tables(&self) -> bool {
+        self.data_comments
     }
 
     /// Whether the dump has begun writing tables. mysqldump
@@ -290,13 +305,23 @@ impl RowCounter {
         if self.head[..n] == want[..n] {
             return true;
         }
+        if self.format == Format::Mysql {
+            let c = self.head.len().min(MYSQL_DATA_COMMENT.len());
+            if self.head[..c] == MYSQL_DATA_COMMENT[..c] {
+                return true;
+            }
+        }
         let marker = b"CREATE TABLE";
         let m = self.head.len().min(marker.len());
         !self.tables_started && self.head.len() <= marker.len() && self.head[..m] == marker[..m]
     }
 
     fn end_head_line(&mut self) {
-        if self.format != Format::Postgres {
+        if self.format == Format::Mysql {
+            if let Some(t) = mysql_data_comment_table(&self.head) {
+                self.rows.entry(t).or_insert(0);
+                self.data_comments = true;
+            }
             return;
         }
         if let Some(t) = pg_copy_table(&self.head) {
@@ -304,6 +329,15 @@ impl RowCounter {
             self.state = State::Copy { line: Vec::new() };
         }
     }
+}
+
+/// The table of mysqldump's ``-- Dumping data for table `name` ``.
+fn mysql_data_comment_table(head: &[u8]) -> Option<TableName> {
+    let quoted = head.strip_prefix(MYSQL_DATA_COMMENT)?.strip_suffix(b"`")?;
+    Some(TableName {
+        schema: String::new(),
+        name: String::from_utf8_lossy(quoted).replace("``", "`"),
+    })
 }
 
 /// The table of ``INSERT INTO `name` VALUES `` or ``INSERT INTO `name` (...) VALUES ``.
@@ -441,6 +475,31 @@ mod tests {
             assert!(c.complete());
             assert!(c.tables_started());
             assert_eq!(c.bytes(), dump.len() as u64);
+            assert!(!c.announces_tables());
+        }
+    }
+
+    #[test]
+    fn mysql_data_comments_record_empty_tables() {
+        let dump = "--\n\
+            -- Dumping data for table `a`\n\
+            --\n\n\
+            LOCK TABLES `a` WRITE;\n\
+            INSERT INTO `a` VALUES (1),(2);\n\
+            UNLOCK TABLES;\n\
+            --\n\
+            -- Dumping data for table `em``pty`\n\
+            --\n\n\
+            LOCK TABLES `em``pty` WRITE;\n\
+            UNLOCK TABLES;\n\
+            -- Dumping data for tables `not one`\n\
+            -- Dump completed on 2026-11-22\n";
+        for chunk in [1, 5, 4096] {
+            let c = count(Format::Mysql, dump, chunk);
+            assert!(c.announces_tables());
+            assert_eq!(c.rows().get(&t("", "a")), Some(&2), "chunk {chunk}");
+            assert_eq!(c.rows().get(&t("", "em`pty")), Some(&0), "chunk {chunk}");
+            assert_eq!(c.rows().len(), 2, "chunk {chunk}");
         }
     }
 
