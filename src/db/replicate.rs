@@ -261,9 +261,7 @@ impl<'a> Secret<'a> {
             .map_err(|e| fail("credentials", &node.name, e))?;
         Ok(Secret { t, path })
     }
-}
 
-impl<'a> Secret<'a> {
     /// A PGPASSFILE for a PostgreSQL client on `node`, if there is a
     /// password (without one the client needs none).
     fn pgpass(
@@ -448,22 +446,19 @@ fn stream(
     let mut stdin = loader.take_stdin().expect("loader stdin");
     let mut write_error = stdin.write_all(&prefix).err();
     progress.streamed(counter.bytes());
-    while write_error.is_none() && read_error.is_none() {
-        match dumper.stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                counter.feed(&buf[..n]);
-                progress.streamed(counter.bytes());
-                if let Err(e) = stdin.write_all(&buf[..n]) {
-                    write_error = Some(e);
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                read_error = Some(e);
-                break;
-            }
+    if write_error.is_none() && read_error.is_none() {
+        let streamed = AtomicU64::new(counter.bytes());
+        match relay(
+            &mut dumper.stdout,
+            &mut stdin,
+            &mut counter,
+            &streamed,
+            Some(progress),
+        ) {
+            Ok(()) => {}
+            Err(Broke::Read(e)) => read_error = Some(e),
+            Err(Broke::Write(e)) => write_error = Some(e),
+            Err(Broke::NoSchema | Broke::Other) => unreachable!("a relay breaks on i/o only"),
         }
     }
     let stream_broke = write_error.is_some() || read_error.is_some();
@@ -620,14 +615,13 @@ fn stream_pg_split(
     }
     let mut main_in = procs[0].take_stdin().expect("loader stdin");
     let mut side_in = procs[1].take_stdin().expect("loader stdin");
-    let mut outs: Vec<Box<dyn Read + Send>> = procs
+    let outs: Vec<Box<dyn Read + Send>> = procs
         .iter_mut()
         .map(|p| std::mem::replace(&mut p.stdout, Box::new(std::io::empty())))
         .collect();
-    let [schema_said, _, mut pre_out, mut rest_out, mut side_out, mut post_out]: [_; 6] =
-        std::mem::take(&mut outs)
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("six processes"));
+    let [schema_said, _, mut pre_out, mut rest_out, mut side_out, mut post_out]: [_; 6] = outs
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("six processes"));
     let procs: Vec<Mutex<Option<crate::transport::Process>>> =
         procs.into_iter().map(|p| Mutex::new(Some(p))).collect();
     let kill_all = || {
@@ -764,7 +758,7 @@ fn stream_pg_split(
                 return Err(fail(
                     "load",
                     dst.name(),
-                    "the first loader ended before it loaded the schema; the live database was not touched",
+                    "the first loader ended before it said its schema and rows were loaded; the live database was not touched",
                 ))
             }
         }
@@ -874,7 +868,6 @@ fn verify_objects(primary: &Catalog, staging: &Catalog, node: &str) -> Result<()
     Ok(())
 }
 
-/// Compare row counts; `want` is what the primary or the dump had.
 /// Every table of the primary had its data in the dump: mysqldump announces
 /// each table's rows with a comment (recorded by the counter, with 0 rows
 /// for an empty table), so a table the dump skipped would otherwise look
@@ -907,6 +900,7 @@ fn verify_data_sections(
     ))
 }
 
+/// Compare row counts; `want` is what the primary or the dump had.
 fn verify_counts(
     want: &BTreeMap<TableName, u64>,
     got: &BTreeMap<TableName, u64>,

@@ -127,9 +127,9 @@ impl RowCounter {
         tail.contains(marker)
     }
 
-    /// Add the rows and bytes of another stream of the same dump (the
-    /// parallel MySQL load: one counter per stream). Completion is each
-    /// stream's own, checked before.
+    /// Add the rows and bytes of another part of the same dump (the
+    /// PostgreSQL load in two streams: one counter per pg_dump run).
+    /// Completion is each part's own, checked before.
     pub fn absorb(&mut self, other: &RowCounter) {
         self.bytes += other.bytes;
         for (t, n) in &other.rows {
@@ -295,25 +295,22 @@ impl RowCounter {
         }
     }
 
-    /// While a line head is short, can it still become an INSERT or COPY?
+    /// While a line head is short, can it still become an INSERT or COPY
+    /// (or mysqldump's data comment, or the first CREATE TABLE)?
     fn could_be_data_head(&self) -> bool {
-        let want: &[u8] = match self.format {
-            Format::Mysql => b"INSERT INTO `",
-            Format::Postgres => b"COPY ",
+        // The head so far agrees with `line`'s start (or all of `line`).
+        let agrees = |line: &[u8]| {
+            let n = self.head.len().min(line.len());
+            self.head[..n] == line[..n]
         };
-        let n = self.head.len().min(want.len());
-        if self.head[..n] == want[..n] {
-            return true;
-        }
-        if self.format == Format::Mysql {
-            let c = self.head.len().min(MYSQL_DATA_COMMENT.len());
-            if self.head[..c] == MYSQL_DATA_COMMENT[..c] {
-                return true;
+        match self.format {
+            Format::Mysql if agrees(b"INSERT INTO `") || agrees(MYSQL_DATA_COMMENT) => true,
+            Format::Postgres if agrees(b"COPY ") => true,
+            _ => {
+                let marker = b"CREATE TABLE";
+                !self.tables_started && self.head.len() <= marker.len() && agrees(marker)
             }
         }
-        let marker = b"CREATE TABLE";
-        let m = self.head.len().min(marker.len());
-        !self.tables_started && self.head.len() <= marker.len() && self.head[..m] == marker[..m]
     }
 
     fn end_head_line(&mut self) {
