@@ -83,29 +83,7 @@ fn hello(
             source: e.into(),
         })?;
     let mut buf = Vec::new();
-    let msg = match wire::recv(&mut &mut *r, &mut buf) {
-        Ok(Some(Msg::Fatal { message })) => {
-            return Err(SyncError::Agent {
-                node: node.into(),
-                message,
-            })
-        }
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(SyncError::Connection {
-                node: node.into(),
-                step: "handshake",
-                source: wire::WireError::Closed,
-            })
-        }
-        Err(e) => {
-            return Err(SyncError::Connection {
-                node: node.into(),
-                step: "handshake",
-                source: e,
-            })
-        }
-    };
+    let msg = recv(node, "handshake", &mut &mut *r, &mut buf)?;
     let received = 4 + buf.len() as u64;
     match msg {
         Msg::Welcome { protocol, superuser, record, .. } if protocol == crate::version::PROTOCOL => {
@@ -393,7 +371,7 @@ type Writer = BufWriter<Counted<Box<dyn Write + Send>>>;
 fn recv(
     node: &str,
     step: &'static str,
-    r: &mut Reader,
+    r: &mut impl Read,
     buf: &mut Vec<u8>,
 ) -> Result<Msg, SyncError> {
     match wire::recv(r, buf) {
