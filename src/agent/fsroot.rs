@@ -32,9 +32,8 @@
 //!   O_EXCL | O_NOFOLLOW`, mode 0600 so nobody reads a partial file), given
 //!   their attributes, made durable, and only then `renameat`ed over the
 //!   final name.
-//!   A crash leaves at most such a temporary file; [`Root::remove_leftovers`]
-//!   (or [`Root::scan`] with cleanup) deletes them and
-//!   [`scan`] never reports them. The pattern is reserved:
+//!   A crash leaves at most such a temporary file; [`Root::scan`] with
+//!   cleanup deletes them and [`scan`] never reports them. The pattern is reserved:
 //!   a peer path with a component matching it is refused, so the peer cannot
 //!   create files that cleanup would later delete or that collide with ours.
 //! - **plant privilege escalations.** A peer could otherwise create a
@@ -1419,17 +1418,6 @@ impl Root {
         self.open_read(rel)
     }
 
-    /// Deletes every temporary file (and temporary symlink) a crash or a
-    /// kill left in the tree; returns how many.
-    pub fn remove_leftovers(&self) -> Result<u64, FsError> {
-        let fd = sys::openat(self.fd.as_fd(), c".", O_DIR_READ, 0)
-            .map_err(|e| io_err("clean up", b"." as &[u8], e))?;
-        let mut rel = Vec::new();
-        let mut count = 0;
-        clean_dir(fd, &mut rel, &mut count)?;
-        Ok(count)
-    }
-
     /// fsyncs every directory changed since the last call, so renames,
     /// creations and deletions survive a crash.
     pub fn sync_dirs(&self) -> Result<(), FsError> {
@@ -1525,9 +1513,9 @@ impl Root {
     }
 
     /// [`scan`] of this root. With `cleanup` it also deletes the leftover
-    /// temporary files of interrupted runs it meets (counted in
-    /// [`Scan::removed`]): what [`Root::remove_leftovers`] does, without a
-    /// second walk of the tree. Excluded directories are not entered, so
+    /// temporary files (and temporary symlinks) a crash or a kill left
+    /// wherever it walks (counted in [`Scan::removed`]), with no second
+    /// walk of the tree. Excluded directories are not entered, so
     /// leftovers in a directory excluded since the interrupted run stay
     /// (hasync never touches an excluded path).
     pub fn scan(
@@ -1628,48 +1616,6 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &[u8], rel: &[u8]) -> Result<bool, FsE
         Err(e) if errno(&e) == libc::ENOENT => Ok(true),
         Err(e) => Err(io_err("remove", rel, e)),
     }
-}
-
-fn clean_dir(fd: OwnedFd, rel: &mut Vec<u8>, count: &mut u64) -> Result<(), FsError> {
-    let mut list = DirList::default();
-    let shown = |rel: &[u8]| if rel.is_empty() { b"." as &[u8] } else { rel }.to_vec();
-    list.read(fd.as_fd())
-        .map_err(|e| io_err("read directory", &shown(rel), e))?;
-    for i in 0..list.len() {
-        let (name, d_type) = list.get(i);
-        let mut kind = d_type;
-        if kind == libc::DT_UNKNOWN {
-            kind = match sys::fstatat(fd.as_fd(), list.cstr(i)) {
-                Ok(st) => match file_type(st.st_mode) {
-                    libc::S_IFDIR => libc::DT_DIR,
-                    libc::S_IFREG => libc::DT_REG,
-                    libc::S_IFLNK => libc::DT_LNK,
-                    _ => libc::DT_UNKNOWN,
-                },
-                Err(_) => continue,
-            };
-        }
-        let len = rel.len();
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name);
-        if is_temp_name(name) && matches!(kind, libc::DT_REG | libc::DT_LNK) {
-            match sys::unlinkat(fd.as_fd(), name, 0) {
-                Ok(()) => *count += 1,
-                Err(e) if errno(&e) == libc::ENOENT => {}
-                Err(e) => return Err(io_err("remove leftover", rel, e)),
-            }
-        } else if kind == libc::DT_DIR {
-            match sys::openat(fd.as_fd(), list.cstr(i), O_DIR_READ, 0) {
-                Ok(sub) => clean_dir(sub, rel, count)?,
-                Err(e) if matches!(errno(&e), libc::ENOENT | libc::ELOOP | libc::ENOTDIR) => {}
-                Err(e) => return Err(io_err("read directory", rel, e)),
-            }
-        }
-        rel.truncate(len);
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -2972,18 +2918,8 @@ mod tests {
             }]
         );
 
-        assert_eq!(r.remove_leftovers().unwrap(), 3);
-        assert_eq!(r.remove_leftovers().unwrap(), 0);
-        let cleaned = |f: &Fixture| {
-            assert_eq!(listing(&p(&f.root_path, "a/b")), vec![b"real".to_vec()]);
-            assert_eq!(listing(&p(&f.root_path, "a")), vec![b"b".to_vec()]);
-            assert_eq!(listing(&f.root_path).len(), 4);
-        };
-        cleaned(&f);
-
-        // The same leftovers again: a scan with cleanup lists what the plain
-        // scan listed and deletes them on the way.
-        leave_leftovers();
+        // A scan with cleanup lists what the plain scan listed and deletes
+        // the leftovers on the way.
         let c = r.scan(&|_, _| false, false, true).unwrap();
         // (The directories' mtimes moved with the leftovers' removal.)
         let kinds = |s: &Scan| -> Vec<(Vec<u8>, Kind)> {
@@ -2993,8 +2929,18 @@ mod tests {
         assert_eq!(c.skipped, s.skipped);
         assert_eq!(c.removed, 3);
         assert_eq!(s.removed, 0);
-        cleaned(&f);
+        let cleaned = || {
+            assert_eq!(listing(&p(&f.root_path, "a/b")), vec![b"real".to_vec()]);
+            assert_eq!(listing(&p(&f.root_path, "a")), vec![b"b".to_vec()]);
+            assert_eq!(listing(&f.root_path).len(), 4);
+        };
+        cleaned();
         assert_eq!(r.scan(&|_, _| false, false, true).unwrap().removed, 0);
+
+        // The same leftovers again: removed again.
+        leave_leftovers();
+        assert_eq!(r.scan(&|_, _| false, false, true).unwrap().removed, 3);
+        cleaned();
     }
 
     #[test]
