@@ -57,25 +57,31 @@ fn pick(tools: &[&str], package: &str) -> String {
 /// tables (`--single-transaction`), with routines, triggers and events,
 /// binary data as hex so the stream stays text. (`--no-autocommit`, one
 /// transaction per table, made the benchmark's load 1.9x slower on MariaDB
-/// with a small buffer pool: 88 s against the plain pipe's 46 s.)
-pub fn dump_command(db: &Database, defaults: &str) -> String {
+/// with a small buffer pool: 88 s against the plain pipe's 46 s.) `split`:
+/// for a load in two streams, without `LOCK TABLES` around each table's
+/// rows (one loader's lock would stop the other's rows).
+pub fn dump_command(db: &Database, defaults: &str, split: bool) -> String {
     format!(
         "{}exec \"$t\" --defaults-extra-file={} --single-transaction --quick --routines --triggers --events \
-         --hex-blob --no-tablespaces --default-character-set=utf8mb4 --max-allowed-packet=1G {}",
+         --hex-blob --no-tablespaces --default-character-set=utf8mb4 --max-allowed-packet=1G {}{}",
         pick(&["mariadb-dump", "mysqldump"], "mariadb-client or mysql-client"),
         shell_quote(defaults),
+        if split { "--skip-add-locks " } else { "" },
         shell_quote(&db.name)
     )
 }
 
-/// The load, run on the mirror node, into the staging database.
-pub fn load_command(defaults: &str, staging: &str) -> String {
+/// The load, run on the mirror node, into the staging database. `answers`:
+/// its output is kept, one line per query result and each as soon as it is
+/// there (the sync queries of a load in two streams).
+pub fn load_command(defaults: &str, staging: &str, answers: bool) -> String {
     format!(
         "{}exec \"$t\" --defaults-extra-file={} --default-character-set=utf8mb4 --max-allowed-packet=1G \
-         --batch --database={} >/dev/null",
+         --batch --database={}{}",
         pick(&["mariadb", "mysql"], "mariadb-client or mysql-client"),
         shell_quote(defaults),
-        shell_quote(staging)
+        shell_quote(staging),
+        if answers { " --skip-column-names --unbuffered" } else { " >/dev/null" }
     )
 }
 

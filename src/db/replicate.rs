@@ -7,8 +7,9 @@
 //!    the vendor dump tool on the primary streams into the vendor client on
 //!    the mirror, through this process, which counts every row as it passes
 //!    (see [`super::stream`]). The live mirror database is not touched.
-//!    PostgreSQL databases of [`PG_SPLIT_MIN`] or more load in two streams
-//!    from the one exported snapshot ([`stream_pg_split`]).
+//!    Databases of [`SPLIT_MIN`] or more load in two streams: MySQL's one
+//!    dump split by statement between two loaders ([`relay_split`]),
+//!    PostgreSQL's from the one exported snapshot ([`stream_pg_split`]).
 //! 2. **Verify.** The staging database must hold the primary's objects
 //!    (tables, views, routines, triggers, events, types, ...) and exactly the
 //!    rows of the dump's snapshot, table by table. PostgreSQL's rows are also
@@ -34,7 +35,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::stream::{Format, RowCounter};
+use super::stream::{Format, Route, RowCounter, Splitter};
 use super::{
     describe_difference, mysql, pg, previous_name, staging_name, Catalog, DbError, TableName,
 };
@@ -388,14 +389,18 @@ fn open_both<'a>(primary: &'a Node, mirror: &'a Node) -> Result<(End<'a>, End<'a
 }
 
 /// Stream the dump from `src` into the loader on `dst`, counting rows.
-/// `load` is asked for the loader's command only once the dump runs (and,
+/// `load` is asked for the loaders' commands only once the dump runs (and,
 /// with `on_tables`, once its snapshot is taken and the hook ran), so that
-/// preparing the load stays out of an early restart's outage.
+/// preparing the load stays out of an early restart's outage. One command:
+/// one loader gets the whole dump. Two (MySQL only): the dump is split by
+/// statement between them ([`relay_split`]); both must print the answers
+/// to our sync queries (`--skip-column-names --unbuffered`, no
+/// `>/dev/null`).
 fn stream(
     src: &End,
     dump: &str,
     dst: &End,
-    load: &mut dyn FnMut() -> Result<String, StepError>,
+    load: &mut dyn FnMut() -> Result<Vec<String>, StepError>,
     format: Format,
     progress: &dyn DbProgress,
     on_tables: Option<&SnapshotHook<'_>>,
@@ -406,16 +411,17 @@ fn stream(
     let mut dumper = src
         .spawn_bulk(dump)
         .map_err(|e| fail("dump", src.name(), e))?;
-    let mut counter = RowCounter::new(format);
-    let mut buf = vec![0u8; 256 * 1024];
     let mut prefix = Vec::new();
     let mut read_error = None;
-    if on_tables.is_some() {
-        while !counter.tables_started() && prefix.len() < 8 << 20 {
+    if let Some(hook) = on_tables {
+        // Only to see the first table; every byte is counted below.
+        let mut seen = RowCounter::new(format);
+        let mut buf = vec![0u8; 256 * 1024];
+        while !seen.tables_started() && prefix.len() < 8 << 20 {
             match dumper.stdout.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    counter.feed(&buf[..n]);
+                    seen.feed(&buf[..n]);
                     prefix.extend_from_slice(&buf[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -427,34 +433,56 @@ fn stream(
         }
         // The first table is there (or the dump ended without one, or
         // failed: then the primary is started all the same).
-        if let Some(hook) = on_tables {
-            hook();
-        }
+        hook();
     }
-    let spawned = load().and_then(|cmd| {
-        dst.spawn_bulk(&cmd)
-            .map_err(|e| fail("load", dst.name(), e))
-    });
-    let mut loader = match spawned {
-        Ok(l) => l,
-        Err(e) => {
-            dumper.kill();
-            let _ = dumper.wait();
-            return Err(e);
+    let mut loaders = Vec::new();
+    let spawned = load().and_then(|commands| {
+        for cmd in commands {
+            loaders.push(
+                dst.spawn_bulk(&cmd)
+                    .map_err(|e| fail("load", dst.name(), e))?,
+            );
         }
-    };
-    let mut stdin = loader.take_stdin().expect("loader stdin");
-    let mut write_error = stdin.write_all(&prefix).err();
-    progress.streamed(counter.bytes());
-    if write_error.is_none() && read_error.is_none() {
-        let streamed = AtomicU64::new(counter.bytes());
-        match relay(
-            &mut dumper.stdout,
-            &mut stdin,
-            &mut counter,
-            &streamed,
-            Some(progress),
-        ) {
+        Ok(())
+    });
+    if let Err(e) = spawned {
+        dumper.kill();
+        let _ = dumper.wait();
+        for mut l in loaders {
+            l.kill();
+            let _ = l.wait();
+        }
+        return Err(e);
+    }
+    let mut stdins: Vec<_> = loaders
+        .iter_mut()
+        .map(|l| l.take_stdin().expect("loader stdin"))
+        .collect();
+    let streamed = AtomicU64::new(0);
+    let mut counter = RowCounter::new(format);
+    let mut write_error = None;
+    if read_error.is_none() {
+        let mut from = (&prefix[..]).chain(&mut dumper.stdout);
+        let relayed = if let [to] = &mut stdins[..] {
+            relay(&mut from, to, &mut counter, &streamed, Some(progress))
+        } else {
+            let answers: Vec<_> = loaders
+                .iter_mut()
+                .map(|l| std::mem::replace(&mut l.stdout, Box::new(std::io::empty())))
+                .collect();
+            let mut splitter = Splitter::new();
+            let r = relay_split(
+                &mut from,
+                &mut stdins,
+                answers,
+                &mut splitter,
+                &streamed,
+                progress,
+            );
+            counter = splitter.into_counter();
+            r
+        };
+        match relayed {
             Ok(()) => {}
             Err(Broke::Read(e)) => read_error = Some(e),
             Err(Broke::Write(e)) => write_error = Some(e),
@@ -463,17 +491,27 @@ fn stream(
     }
     let stream_broke = write_error.is_some() || read_error.is_some();
     if stream_broke {
-        // Without its input's end the loader would commit a partial load
-        // only into staging, which is dropped anyway; stop both now.
+        // Without its input's end a loader would commit a partial load
+        // only into staging, which is dropped anyway; stop them all now.
         dumper.kill();
-        loader.kill();
+        for l in &mut loaders {
+            l.kill();
+        }
     }
-    drop(stdin);
-    let load_out = loader.wait().map_err(|e| fail("load", dst.name(), e))?;
+    drop(stdins);
+    let load_outs = loaders
+        .into_iter()
+        .map(|l| l.wait())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail("load", dst.name(), e))?;
     let dump_out = dumper.wait().map_err(|e| fail("dump", src.name(), e))?;
     let dump_error = (!dump_out.success()).then(|| dump_failed(src.name(), &dump_out));
-    let load_error =
-        (!load_out.success()).then(|| load_failed(dst.name(), &load_out, counter.bytes()));
+    // The loader that failed by itself (137: killed, maybe by us above).
+    let load_error = load_outs
+        .iter()
+        .find(|o| !o.success() && o.status != 137)
+        .or_else(|| load_outs.iter().find(|o| !o.success()))
+        .map(|o| load_failed(dst.name(), o, counter.bytes()));
     // The side that failed first is the cause: a loader that died made the
     // writes fail (and the dumper was killed); a dumper that died cut the
     // stream, and the loader may then choke on half a statement.
@@ -494,19 +532,151 @@ fn stream(
     Ok(counter)
 }
 
-/// PostgreSQL databases with at least this much table data load in two
-/// streams ([`stream_pg_split`]); below it a second SSH connection and two
-/// more pg_dump runs cost more than they save.
-pub const PG_SPLIT_MIN: u64 = 64 << 20;
+/// What a MySQL loader of [`relay_split`] prints for our sync query
+/// (`SELECT '<this> <n>'`), once it has run every statement before it.
+const SYNCED: &str = "hasync: synced";
 
-/// [`PG_SPLIT_MIN`], unless the environment's `HASYNC_PG_SPLIT_MIN` (bytes)
+/// One loader of [`relay_split`].
+struct Lane<'a> {
+    to: &'a mut Box<dyn Write + Send>,
+    /// The numbers of the sync queries it answered, read from its output.
+    answers: std::sync::mpsc::Receiver<u64>,
+    asked: u64,
+    /// It was sent statements the other loader's next ones depend on.
+    unsynced: bool,
+    /// Bytes of rows sent to it (to balance the two).
+    rows: u64,
+}
+
+impl Lane<'_> {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), Broke> {
+        self.to.write_all(bytes).map_err(Broke::Write)
+    }
+
+    /// Wait until the loader has run everything it was sent.
+    fn sync(&mut self) -> Result<(), Broke> {
+        self.asked += 1;
+        self.send(format!("SELECT '{SYNCED} {}';\n", self.asked).as_bytes())?;
+        self.to.flush().map_err(Broke::Write)?;
+        loop {
+            match self.answers.recv() {
+                Ok(n) if n == self.asked => break,
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(Broke::Write(std::io::Error::other(
+                        "the loader ended before it answered",
+                    )))
+                }
+            }
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
+/// MySQL's load in two streams from the one dump (one snapshot, no lock):
+/// the first loader gets the dump's header and everything but rows, in
+/// order; each INSERT statement goes whole to the loader with fewer bytes
+/// of rows so far. Two syncs keep the order that matters (see
+/// [`Splitter`]): before the second loader gets rows, the first has run
+/// what it was sent (the table's `CREATE TABLE`); before the first gets
+/// anything but rows, the second has run its rows (so a table's triggers,
+/// its `ENABLE KEYS`, the views and routines come after all of its rows).
+/// The dump must not hold `LOCK TABLES` (`--skip-add-locks`): a loader's
+/// lock would stop the other's rows until the first was past a sync that
+/// waits for them.
+fn relay_split(
+    from: &mut dyn Read,
+    to: &mut [Box<dyn Write + Send>],
+    outputs: Vec<Box<dyn Read + Send>>,
+    splitter: &mut Splitter,
+    streamed: &AtomicU64,
+    progress: &dyn DbProgress,
+) -> Result<(), Broke> {
+    let mut lanes = Vec::new();
+    for (to, out) in to.iter_mut().zip(outputs) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Not joined: it ends with its loader's output, when the loader
+        // exits after its input's end (or is killed by the caller).
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(out);
+            let mut line = Vec::new();
+            while matches!(r.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let said = String::from_utf8_lossy(line.trim_ascii_end());
+                if let Some(n) = said
+                    .strip_prefix(SYNCED)
+                    .and_then(|n| n.trim().parse().ok())
+                {
+                    let _ = tx.send(n);
+                }
+                line.clear();
+            }
+        });
+        lanes.push(Lane {
+            to,
+            answers: rx,
+            asked: 0,
+            unsynced: false,
+            rows: 0,
+        });
+    }
+    let [main, side]: &mut [Lane; 2] = (&mut lanes[..]).try_into().expect("two loaders");
+    let mut on_side = false;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(Broke::Read(e)),
+        };
+        let fed = splitter.feed(&buf[..n], &mut |route, bytes| match route {
+            Route::Both => {
+                main.send(bytes)?;
+                side.send(bytes)
+            }
+            Route::Main => {
+                if side.unsynced {
+                    side.sync()?;
+                }
+                main.unsynced = true;
+                main.send(bytes)
+            }
+            Route::Rows { first } => {
+                if first {
+                    on_side = side.rows < main.rows;
+                    if on_side && main.unsynced {
+                        main.sync()?;
+                    }
+                }
+                let lane = if on_side { &mut *side } else { &mut *main };
+                lane.rows += bytes.len() as u64;
+                lane.unsynced |= on_side;
+                lane.send(bytes)
+            }
+        });
+        if let Err(e) = fed {
+            break Err(e);
+        }
+        let total = streamed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        progress.streamed(total);
+    }
+}
+
+/// Databases with at least this much table data (the server's estimate)
+/// load in two streams ([`relay_split`], [`stream_pg_split`]); below it a
+/// second SSH connection (and on PostgreSQL two more pg_dump runs) cost
+/// more than they save.
+pub const SPLIT_MIN: u64 = 64 << 20;
+
+/// [`SPLIT_MIN`], unless the environment's `HASYNC_DB_SPLIT_MIN` (bytes)
 /// says otherwise: the tests load their small databases in two streams
 /// with 0, and a sysadmin can turn the split off with a huge value.
-fn pg_split_min() -> u64 {
-    std::env::var("HASYNC_PG_SPLIT_MIN")
+fn split_min() -> u64 {
+    std::env::var("HASYNC_DB_SPLIT_MIN")
         .ok()
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(PG_SPLIT_MIN)
+        .unwrap_or(SPLIT_MIN)
 }
 
 /// What the first loader of [`stream_pg_split`] prints once the schema
@@ -992,7 +1162,11 @@ fn replicate_mysql(
         mysql::catalog(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
     let charset =
         mysql::charset(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
+    let split = mysql_split(&mut pc, src)?;
     drop(pc);
+    if split {
+        out.streams = 2;
+    }
 
     let staged = (|| {
         let t = Instant::now();
@@ -1016,13 +1190,13 @@ fn replicate_mysql(
                     "load.cnf",
                     &mysql::defaults_file(dst.db, dst.password.as_deref()),
                 )?;
-                let cmd = mysql::load_command(&secret.path, &staging);
+                let cmd = mysql::load_command(&secret.path, &staging, split);
                 mf = Some(secret);
-                Ok(cmd)
+                Ok(vec![cmd; if split { 2 } else { 1 }])
             };
             let counter = stream(
                 src,
-                &mysql::dump_command(src.db, &pf.path),
+                &mysql::dump_command(src.db, &pf.path, split),
                 dst,
                 &mut prepare_load,
                 Format::Mysql,
@@ -1096,6 +1270,13 @@ fn replicate_mysql(
     Ok(out)
 }
 
+/// Whether the primary's MySQL database is large enough to load in two
+/// streams (see [`split_min`]).
+fn mysql_split(pc: &mut ::mysql::Conn, src: &End) -> Result<bool, StepError> {
+    let sizes = mysql::sizes(pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
+    Ok(sizes.iter().map(|(_, n)| n).sum::<u64>() >= split_min())
+}
+
 /// The verification queries of `readonly_sql`, re-run on the live database
 /// after the swap.
 fn queries(statements: &[String]) -> Vec<String> {
@@ -1139,7 +1320,7 @@ fn replicate_pg_staged(
 ) -> Result<DbSummary, StepError> {
     let staging = staging_name(&dst.db.name);
     let options = pg::database_options(&mut pc).map_err(|e| fail("preflight", src.name(), e))?;
-    let side = pg::second_stream_tables(&mut pc, pg_split_min())
+    let side = pg::second_stream_tables(&mut pc, split_min())
         .map_err(|e| fail("preflight", src.name(), e))?;
     let mut mm = dst.pg_maintenance()?;
     pg::create_staging(&mut mm, &staging, &options).map_err(|e| fail("staging", dst.name(), e))?;
@@ -1186,7 +1367,7 @@ fn replicate_pg_staged(
                         src,
                         &pg::dump_command(src.db, src_pass, Some(snapshot)),
                         dst,
-                        &mut || Ok(load.clone()),
+                        &mut || Ok(vec![load.clone()]),
                         Format::Postgres,
                         progress,
                         None,
@@ -1311,7 +1492,7 @@ pub fn dump_to_file(t: &dyn Transport, node: &Node, path: &str) -> Result<u64, S
                 "dump.cnf",
                 &mysql::defaults_file(db, password.as_deref()),
             )?;
-            let cmd = mysql::dump_command(db, &s.path);
+            let cmd = mysql::dump_command(db, &s.path, false);
             (Some(s), cmd)
         }
         Engine::Postgres => {
@@ -1441,6 +1622,8 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
     }
     let (p, m) = (src.name().to_string(), dst.name().to_string());
     let state = |n: &Node| format!("{}/.hasync-...", n.state_dir);
+    let data_bytes: u64 = size_of.values().sum();
+    let split = data_bytes >= split_min();
     let mut steps = Vec::new();
     match src.db.engine {
         Engine::Mysql => {
@@ -1459,11 +1642,20 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
                     state(dst.node)
                 ),
             ));
-            steps.push((p.clone(), mysql::dump_command(src.db, &state(src.node))));
+            steps.push((
+                p.clone(),
+                mysql::dump_command(src.db, &state(src.node), split),
+            ));
             steps.push((
                 m.clone(),
-                format!("| {}", mysql::load_command(&state(dst.node), &staging)),
+                format!(
+                    "| {}",
+                    mysql::load_command(&state(dst.node), &staging, split)
+                ),
             ));
+            if split {
+                steps.push((m.clone(), format!("two such loaders: the dump's INSERT statements split between them, everything else in order on the first ({} of table data, at least {})", crate::sync::plan::human_bytes(data_bytes), crate::sync::plan::human_bytes(split_min()))));
+            }
         }
         Engine::Postgres => {
             steps.push((p.clone(), "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_export_snapshot(); count rows in the snapshot".into()));
@@ -1490,6 +1682,9 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
                 m.clone(),
                 format!("| {}", pg::load_command(dst.db, mf.as_deref(), &staging)),
             ));
+            if split {
+                steps.push((m.clone(), format!("two such loaders, with pg_dump run per section in the same snapshot: the largest tables' rows (about half) on the second, the rest on the first ({} of table data, at least {})", crate::sync::plan::human_bytes(data_bytes), crate::sync::plan::human_bytes(split_min()))));
+            }
         }
     }
     steps.push((m.clone(), format!("verify {staging}: the same {} objects as the primary and the same rows in each of {} tables", cat.objects.len(), cat.tables.len())));

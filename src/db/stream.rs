@@ -31,6 +31,10 @@ const HEAD_MAX: usize = 64 * 1024;
 /// The comment mysqldump writes before every table's rows, even none.
 const MYSQL_DATA_COMMENT: &[u8] = b"-- Dumping data for table `";
 
+/// The mysql client's command that changes the statement delimiter, which
+/// mysqldump wraps around triggers, routines and events.
+const MYSQL_DELIMITER: &[u8] = b"DELIMITER ";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Mysql,
@@ -68,6 +72,9 @@ pub struct RowCounter {
     tables_started: bool,
     /// mysqldump announced at least one table's data (see [`RowCounter::rows`]).
     data_comments: bool,
+    /// A `DELIMITER` other than `;` is in force: the lines are a trigger's,
+    /// routine's or event's body, where a line may look like an INSERT.
+    body: bool,
 }
 
 impl RowCounter {
@@ -82,6 +89,7 @@ impl RowCounter {
             bytes: 0,
             tables_started: false,
             data_comments: false,
+            body: false,
         }
     }
 
@@ -109,6 +117,11 @@ impl RowCounter {
     /// changing what the dump contains (for transactional tables).
     pub fn tables_started(&self) -> bool {
         self.tables_started
+    }
+
+    /// Inside an INSERT's rows (its head was seen, its `;` not yet).
+    pub fn in_rows(&self) -> bool {
+        matches!(self.state, State::Values { .. })
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -304,7 +317,13 @@ impl RowCounter {
             self.head[..n] == line[..n]
         };
         match self.format {
-            Format::Mysql if agrees(b"INSERT INTO `") || agrees(MYSQL_DATA_COMMENT) => true,
+            Format::Mysql
+                if (!self.body && agrees(b"INSERT INTO `"))
+                    || agrees(MYSQL_DATA_COMMENT)
+                    || agrees(MYSQL_DELIMITER) =>
+            {
+                true
+            }
             Format::Postgres if agrees(b"COPY ") => true,
             _ => {
                 let marker = b"CREATE TABLE";
@@ -315,6 +334,9 @@ impl RowCounter {
 
     fn end_head_line(&mut self) {
         if self.format == Format::Mysql {
+            if let Some(d) = self.head.strip_prefix(MYSQL_DELIMITER) {
+                self.body = d.trim_ascii() != b";";
+            }
             if let Some(t) = mysql_data_comment_table(&self.head) {
                 self.rows.entry(t).or_insert(0);
                 self.data_comments = true;
@@ -325,6 +347,119 @@ impl RowCounter {
             self.table = Some(t);
             self.state = State::Copy { line: Vec::new() };
         }
+    }
+}
+
+/// Where a piece of a MySQL dump goes when it loads in two streams
+/// ([`Splitter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The dump's header: blank lines, comments and the `/*!... SET ...*/`
+    /// session settings before the first statement of the body (character
+    /// set, time zone, unique and foreign-key checks off, `sql_mode`). Each
+    /// loader needs them before its first row.
+    Both,
+    /// Everything else but the rows: tables, triggers, views, routines,
+    /// events, in the dump's order, for the first loader.
+    Main,
+    /// Part of one INSERT statement: either loader, but all of one
+    /// statement to the same one. `first` marks a statement's first piece.
+    Rows { first: bool },
+}
+
+/// Splits a mysqldump stream at statement boundaries for two loaders, and
+/// counts its rows on the way (it owns the [`RowCounter`]). Each INSERT
+/// statement is one [`Route::Rows`] unit, whole; the caller chooses its
+/// loader and keeps the order that matters: a table's rows after its
+/// `CREATE TABLE` has run, and anything after a table's rows (its
+/// triggers, the next table) after those rows are in.
+///
+/// The rows of a line are recognised exactly as the counter recognises
+/// them (an ``INSERT INTO `t` `` at a line's start, outside a `DELIMITER`
+/// block, up to its `;` outside strings), so every byte the counter counts
+/// is routed as rows and no other byte is. The first bytes of each line are
+/// held back until the counter has decided (at most [`HEAD_MAX`]).
+#[derive(Debug)]
+pub struct Splitter {
+    counter: RowCounter,
+    /// The current line's bytes while its route is undecided.
+    held: Vec<u8>,
+    /// The rest of the current line's route (`None` at a line's start).
+    route: Option<Route>,
+    /// Still in the header (see [`Route::Both`]).
+    header: bool,
+}
+
+impl Splitter {
+    pub fn new() -> Splitter {
+        Splitter {
+            counter: RowCounter::new(Format::Mysql),
+            held: Vec::new(),
+            route: None,
+            header: true,
+        }
+    }
+
+    pub fn counter(&self) -> &RowCounter {
+        &self.counter
+    }
+
+    pub fn into_counter(self) -> RowCounter {
+        self.counter
+    }
+
+    /// Feed the next bytes of the dump; `out` gets them, each piece with
+    /// its route, in order.
+    pub fn feed<E>(
+        &mut self,
+        mut chunk: &[u8],
+        out: &mut impl FnMut(Route, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !chunk.is_empty() {
+            let Some(route) = self.route else {
+                // A line's start: byte by byte until the counter knows
+                // whether an INSERT's rows begin (a few dozen bytes).
+                let b = chunk[0];
+                chunk = &chunk[1..];
+                self.counter.feed(std::slice::from_ref(&b));
+                self.held.push(b);
+                let route = if self.counter.in_rows() {
+                    self.header = false;
+                    self.route = Some(Route::Rows { first: false });
+                    Route::Rows { first: true }
+                } else if b == b'\n' || !matches!(self.counter.state, State::Head) {
+                    self.header &= matches!(self.held[0], b'\n' | b'-' | b'/');
+                    let route = if self.header {
+                        Route::Both
+                    } else {
+                        Route::Main
+                    };
+                    self.route = (b != b'\n').then_some(route);
+                    route
+                } else {
+                    continue;
+                };
+                out(route, &self.held)?;
+                self.held.clear();
+                continue;
+            };
+            // The rest of the line (a row's line stays with its statement).
+            let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |i| i + 1);
+            let (piece, rest) = chunk.split_at(n);
+            self.counter.feed(piece);
+            out(route, piece)?;
+            chunk = rest;
+            if piece.ends_with(b"\n") && !self.counter.in_rows() {
+                self.route = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Splitter {
+    fn default() -> Self {
+        Splitter::new()
     }
 }
 
@@ -520,6 +655,106 @@ mod tests {
             assert_eq!(c.rows().get(&t("Sché\"ma", "Tëst")), Some(&1));
             assert_eq!(c.rows().get(&t("public", "empty")), None);
             assert_eq!(c.total_rows(), 3);
+            assert!(c.complete());
+        }
+    }
+
+    /// A dump with a header, two tables (rows on one line and on a line
+    /// each), a trigger whose body holds a line like an INSERT's, and the
+    /// footer.
+    const SPLIT_DUMP: &str = "/*M!999999\\- enable the sandbox mode */ \n\
+        -- MariaDB dump 10.19\n\
+        \n\
+        /*!40101 SET NAMES utf8mb4 */;\n\
+        /*!40101 SET @OLD_SQL_MODE=@@SQL_MODE, SQL_MODE='NO_AUTO_VALUE_ON_ZERO' */;\n\
+        \n\
+        --\n\
+        -- Table structure for table `a`\n\
+        --\n\
+        \n\
+        DROP TABLE IF EXISTS `a`;\n\
+        CREATE TABLE `a` (\n  `id` int NOT NULL\n) ENGINE=InnoDB;\n\
+        --\n\
+        -- Dumping data for table `a`\n\
+        --\n\
+        \n\
+        /*!40000 ALTER TABLE `a` DISABLE KEYS */;\n\
+        INSERT INTO `a` VALUES (1),(2);\n\
+        INSERT INTO `a` VALUES\n(3),\n(4);\n\
+        /*!40000 ALTER TABLE `a` ENABLE KEYS */;\n\
+        DELIMITER ;;\n\
+        /*!50003 CREATE*/ /*!50003 TRIGGER `t` AFTER INSERT ON `a` FOR EACH ROW BEGIN\n\
+        INSERT INTO `b` VALUES (NEW.id);\n\
+        END */;;\n\
+        DELIMITER ;\n\
+        CREATE TABLE `b` (\n  `id` int NOT NULL\n);\n\
+        INSERT INTO `b` (`id`) VALUES (7),(8),(9);\n\
+        /*!40101 SET SQL_MODE=@OLD_SQL_MODE */;\n\
+        -- Dump completed on 2026-11-22\n";
+
+    #[test]
+    fn mysql_bodies_of_triggers_hold_no_rows() {
+        for chunk in [1, 3, 4096] {
+            let c = count(Format::Mysql, SPLIT_DUMP, chunk);
+            assert_eq!(c.rows().get(&t("", "a")), Some(&4), "chunk {chunk}");
+            assert_eq!(c.rows().get(&t("", "b")), Some(&3), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn splitter_routes_whole_statements() {
+        for chunk in [1, 2, 5, 17, 4096] {
+            let mut sp = Splitter::new();
+            let (mut both, mut main, mut all) = (Vec::new(), Vec::new(), Vec::new());
+            let mut stmts: Vec<Vec<u8>> = Vec::new();
+            for piece in SPLIT_DUMP.as_bytes().chunks(chunk) {
+                sp.feed::<()>(piece, &mut |route, bytes| {
+                    all.extend_from_slice(bytes);
+                    match route {
+                        Route::Both => both.extend_from_slice(bytes),
+                        Route::Main => main.extend_from_slice(bytes),
+                        Route::Rows { first: true } => stmts.push(bytes.to_vec()),
+                        Route::Rows { first: false } => stmts
+                            .last_mut()
+                            .expect("a first piece")
+                            .extend_from_slice(bytes),
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert_eq!(String::from_utf8(all).unwrap(), SPLIT_DUMP, "chunk {chunk}");
+            let both = String::from_utf8(both).unwrap();
+            assert!(both.starts_with("/*M!999999"), "chunk {chunk}: {both}");
+            assert!(both.ends_with("SQL_MODE='NO_AUTO_VALUE_ON_ZERO' */;\n\n--\n-- Table structure for table `a`\n--\n\n"), "chunk {chunk}: {both}");
+            let stmts: Vec<String> = stmts
+                .into_iter()
+                .map(|s| String::from_utf8(s).unwrap())
+                .collect();
+            assert_eq!(
+                stmts,
+                [
+                    "INSERT INTO `a` VALUES (1),(2);\n",
+                    "INSERT INTO `a` VALUES\n(3),\n(4);\n",
+                    "INSERT INTO `b` (`id`) VALUES (7),(8),(9);\n"
+                ],
+                "chunk {chunk}"
+            );
+            let main = String::from_utf8(main).unwrap();
+            assert!(
+                main.starts_with("DROP TABLE IF EXISTS `a`;"),
+                "chunk {chunk}"
+            );
+            assert!(
+                main.contains("BEGIN\nINSERT INTO `b` VALUES (NEW.id);\nEND */;;\n"),
+                "chunk {chunk}"
+            );
+            assert!(
+                !main.contains("(3)") && !main.contains("(8)"),
+                "chunk {chunk}"
+            );
+            let c = sp.into_counter();
+            assert_eq!(c.total_rows(), 7, "chunk {chunk}");
             assert!(c.complete());
         }
     }

@@ -428,8 +428,8 @@ pub fn staging_rows(e: Engine, staging: &str) -> u64 {
 /// The mirror's loader dies mid-stream: hasync fails naming the step and
 /// the node, the staging database is dropped, and the live mirror database
 /// is exactly as before.
-/// `split_min`: HASYNC_PG_SPLIT_MIN for the run ("0": PostgreSQL loads in
-/// two streams, and one of its two loaders is killed).
+/// `split_min`: HASYNC_DB_SPLIT_MIN for the run ("0": the load is in two
+/// streams, and one of its two loaders is killed).
 fn load_killed_midway(e: Engine, split_min: Option<&str>) {
     // (Not a name that starts with another test's: `databases` lists by
     // prefix.)
@@ -450,7 +450,7 @@ fn load_killed_midway(e: Engine, split_min: Option<&str>) {
 
     let mut cmd = hasync().config(&cfg).args(["sync", "--db-only"]);
     if let Some(min) = split_min {
-        cmd = cmd.env("HASYNC_PG_SPLIT_MIN", min);
+        cmd = cmd.env("HASYNC_DB_SPLIT_MIN", min);
     }
     let running = cmd.spawn();
     wait_until("rows arriving in staging", Duration::from_secs(120), || {
@@ -483,6 +483,11 @@ fn load_killed_midway(e: Engine, split_min: Option<&str>) {
 #[test]
 fn load_killed_midway_mysql() {
     load_killed_midway(Engine::Mysql, None);
+}
+
+#[test]
+fn load_killed_midway_mysql_two_streams() {
+    load_killed_midway(Engine::Mysql, Some("0"));
 }
 
 #[test]
@@ -806,17 +811,15 @@ fn full_round_trip(e: Engine) {
         )
     };
 
-    // PostgreSQL's first run loads in two streams (forced on this small
-    // database), the second in one (the default threshold).
+    // The first run loads in two streams (forced on this small database),
+    // the second in one (the default threshold).
     let run = hasync()
         .config(&cfg)
-        .env("HASYNC_PG_SPLIT_MIN", "0")
+        .env("HASYNC_DB_SPLIT_MIN", "0")
         .args(["-v", "sync", "--db-only"])
         .run();
     run.code(0);
-    if e == Engine::Postgres {
-        run.stderr_has("2 streams in parallel");
-    }
+    run.stderr_has("2 streams in parallel");
     unflag();
     let primary = dump_text(e, 0, &db);
     for needle in [
