@@ -151,17 +151,17 @@ impl RowCounter {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        self.bytes += chunk.len() as u64;
-        let keep = 256;
-        if chunk.len() >= keep {
-            self.tail.clear();
-            self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
-        } else {
-            self.tail.extend_from_slice(chunk);
-            if self.tail.len() > keep {
-                self.tail.drain(..self.tail.len() - keep);
-            }
-        }
+        self.feed_until(chunk, false);
+    }
+
+    /// Feed `chunk` up to the end of the INSERT whose rows are being
+    /// counted (its `;`); returns how many bytes that took (all of them if
+    /// the statement goes on).
+    pub fn feed_rows(&mut self, chunk: &[u8]) -> usize {
+        self.feed_until(chunk, true)
+    }
+
+    fn feed_until(&mut self, chunk: &[u8], rows_end: bool) -> usize {
         // Runs of bytes that cannot change the state are skipped without
         // going through the state machine (most of a dump is such runs).
         let mut i = 0;
@@ -197,8 +197,31 @@ impl RowCounter {
                     i += n;
                     self.byte(chunk[i]);
                     i += 1;
+                    if rows_end && !self.in_rows() {
+                        break;
+                    }
                 }
-                None => return,
+                None => {
+                    i = chunk.len();
+                    break;
+                }
+            }
+        }
+        self.passed(&chunk[..i]);
+        i
+    }
+
+    /// Account for bytes fed: their number, and the last ones.
+    fn passed(&mut self, bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        let keep = 256;
+        if bytes.len() >= keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&bytes[bytes.len() - keep..]);
+        } else {
+            self.tail.extend_from_slice(bytes);
+            if self.tail.len() > keep {
+                self.tail.drain(..self.tail.len() - keep);
             }
         }
     }
@@ -443,10 +466,16 @@ impl Splitter {
                 self.held.clear();
                 continue;
             };
-            // The rest of the line (a row's line stays with its statement).
-            let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |i| i + 1);
+            // Rows: up to the statement's end, whatever the lines; then the
+            // rest of the line (a row's line stays with its statement).
+            let n = if self.counter.in_rows() {
+                self.counter.feed_rows(chunk)
+            } else {
+                let n = memchr::memchr(b'\n', chunk).map_or(chunk.len(), |i| i + 1);
+                self.counter.feed(&chunk[..n]);
+                n
+            };
             let (piece, rest) = chunk.split_at(n);
-            self.counter.feed(piece);
             out(route, piece)?;
             chunk = rest;
             if piece.ends_with(b"\n") && !self.counter.in_rows() {
