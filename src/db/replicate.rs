@@ -506,10 +506,9 @@ fn stream(
         .map_err(|e| fail("load", dst.name(), e))?;
     let dump_out = dumper.wait().map_err(|e| fail("dump", src.name(), e))?;
     let dump_error = (!dump_out.success()).then(|| dump_failed(src.name(), &dump_out));
-    // The loader that failed by itself (137: killed, maybe by us above).
     let load_error = load_outs
         .iter()
-        .find(|o| !o.success() && o.status != 137)
+        .find(|o| failed_by_itself(o))
         .or_else(|| load_outs.iter().find(|o| !o.success()))
         .map(|o| load_failed(dst.name(), o, counter.bytes()));
     // The side that failed first is the cause: a loader that died made the
@@ -899,12 +898,7 @@ fn stream_pg_split(
         })
         .collect();
     drop(procs);
-    // The cause is a process that failed by itself (137: killed by us).
-    let failed = |i: usize| {
-        outputs[i]
-            .as_ref()
-            .filter(|o| !o.success() && o.status != 137)
-    };
+    let failed = |i: usize| outputs[i].as_ref().filter(|o| failed_by_itself(o));
     let bytes = streamed.load(Ordering::Relaxed);
     if let Some(o) = (0..LOADERS).find_map(failed) {
         return Err(load_failed(dst.name(), o, bytes));
@@ -952,6 +946,14 @@ fn stream_pg_split(
         total.absorb(c);
     }
     Ok(total)
+}
+
+/// Whether a dump or load failed by itself, rather than being killed (137)
+/// by us after another process failed. A tool that reported an error and
+/// exited is that too, though its exit status may be lost: its `ssh` can
+/// be killed between the end of its output and its own exit.
+fn failed_by_itself(out: &crate::transport::ExecOutput) -> bool {
+    !out.success() && (out.status != 137 || out.stderr_tail().contains("ERROR"))
 }
 
 /// The dump tool on `node` exited with `out`.

@@ -373,14 +373,29 @@ impl RowCounter {
     }
 }
 
+/// How many bytes of a line tell whether it belongs to the dump's header.
+const HEADER_PROBE: usize = b"/*!40101 SET ".len();
+
+/// Whether a line (its first [`HEADER_PROBE`] bytes, or all of a shorter
+/// one) may be part of a dump's header: blank, a comment, a versioned
+/// `SET`, or MariaDB's sandbox-mode line. Anything else (a table's or a
+/// view stand-in's first statement) ends the header.
+fn header_line(head: &[u8]) -> bool {
+    let versioned_set = head.len() >= HEADER_PROBE
+        && head.starts_with(b"/*!")
+        && head[3..8].iter().all(u8::is_ascii_digit)
+        && &head[8..HEADER_PROBE] == b" SET ";
+    head == b"\n" || head.starts_with(b"--") || head.starts_with(b"/*M!") || versioned_set
+}
+
 /// Where a piece of a MySQL dump goes when it loads in two streams
 /// ([`Splitter`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// The dump's header: blank lines, comments and the `/*!... SET ...*/`
+    /// The dump's header: blank lines, comments and the `/*!NNNNN SET ...*/`
     /// session settings before the first statement of the body (character
     /// set, time zone, unique and foreign-key checks off, `sql_mode`). Each
-    /// loader needs them before its first row.
+    /// loader needs them before its first row. See [`header_line`].
     Both,
     /// Everything else but the rows: tables, triggers, views, routines,
     /// events, in the dump's order, for the first loader.
@@ -401,7 +416,8 @@ pub enum Route {
 /// them (an ``INSERT INTO `t` `` at a line's start, outside a `DELIMITER`
 /// block, up to its `;` outside strings), so every byte the counter counts
 /// is routed as rows and no other byte is. The first bytes of each line are
-/// held back until the counter has decided (at most [`HEAD_MAX`]).
+/// held back until the counter has decided (at most [`HEAD_MAX`]), and in
+/// the header until it is clear whether the line still belongs to it.
 #[derive(Debug)]
 pub struct Splitter {
     counter: RowCounter,
@@ -423,10 +439,6 @@ impl Splitter {
         }
     }
 
-    pub fn counter(&self) -> &RowCounter {
-        &self.counter
-    }
-
     pub fn into_counter(self) -> RowCounter {
         self.counter
     }
@@ -446,12 +458,16 @@ impl Splitter {
                 chunk = &chunk[1..];
                 self.counter.feed(std::slice::from_ref(&b));
                 self.held.push(b);
+                let line_done = b == b'\n';
+                let counted = !matches!(self.counter.state, State::Head);
                 let route = if self.counter.in_rows() {
                     self.header = false;
                     self.route = Some(Route::Rows { first: false });
                     Route::Rows { first: true }
-                } else if b == b'\n' || !matches!(self.counter.state, State::Head) {
-                    self.header &= matches!(self.held[0], b'\n' | b'-' | b'/');
+                } else if line_done
+                    || (counted && (!self.header || self.held.len() >= HEADER_PROBE))
+                {
+                    self.header &= header_line(&self.held);
                     let route = if self.header {
                         Route::Both
                     } else {
@@ -727,6 +743,45 @@ mod tests {
             let c = count(Format::Mysql, SPLIT_DUMP, chunk);
             assert_eq!(c.rows().get(&t("", "a")), Some(&4), "chunk {chunk}");
             assert_eq!(c.rows().get(&t("", "b")), Some(&3), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn only_settings_and_comments_make_the_header() {
+        for line in [
+            "\n",
+            "--\n",
+            "-- MariaDB dump 10.19\n",
+            "/*M!999999\\- enable the sandbox mode */ \n",
+            "/*!40101 SET NAMES utf8mb4 */;\n",
+        ] {
+            assert!(header_line(line.as_bytes()), "{line}");
+        }
+        for line in [
+            "/*!50001 DROP VIEW IF EXISTS `a`*/;\n",
+            "/*!50001 CREATE VIEW `a` AS SELECT 1 AS `x` */;\n",
+            "/*!40000 ALTER TABLE `a` DISABLE KEYS */;\n",
+            "/*!4010 SET\n",
+            "DROP TABLE IF EXISTS `a`;\n",
+            "SET @saved_cs_client     = @@character_set_client;\n",
+        ] {
+            assert!(!header_line(line.as_bytes()), "{line}");
+        }
+        // In a dump: the view stand-in's first statement ends the header.
+        let dump = "/*!40101 SET NAMES utf8mb4 */;\n/*!50001 DROP VIEW IF EXISTS `a`*/;\n/*!40101 SET x=1 */;\n";
+        for chunk in [1, 4, 4096] {
+            let mut sp = Splitter::new();
+            let mut both = String::new();
+            for piece in dump.as_bytes().chunks(chunk) {
+                sp.feed::<()>(piece, &mut |route, bytes| {
+                    if route == Route::Both {
+                        both.push_str(std::str::from_utf8(bytes).unwrap());
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert_eq!(both, "/*!40101 SET NAMES utf8mb4 */;\n", "chunk {chunk}");
         }
     }
 
