@@ -626,6 +626,21 @@ fn dry_run_changes_nothing(e: Engine) {
         !run.stdout.contains(&cluster().db_password)
             && !run.stderr.contains(&cluster().db_password)
     );
+    assert!(
+        !run.stdout.contains("two such loaders"),
+        "a small database loads in one stream: {}",
+        run.stdout
+    );
+    // With the threshold at 0 it would load in two, and says so.
+    let split = hasync()
+        .config(&cfg)
+        .env("HASYNC_DB_SPLIT_MIN", "0")
+        .args(["sync", "--db-only", "--dry-run"])
+        .run();
+    split.code(0).stdout_has("two such loaders");
+    if e == Engine::Mysql {
+        split.stdout_has("--skip-add-locks");
+    }
 
     let json = hasync()
         .config(&cfg)
