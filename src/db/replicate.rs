@@ -621,45 +621,34 @@ fn relay_split(
     }
     let [main, side]: &mut [Lane; 2] = (&mut lanes[..]).try_into().expect("two loaders");
     let mut on_side = false;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(Broke::Read(e)),
-        };
-        let fed = splitter.feed(&buf[..n], &mut |route, bytes| match route {
-            Route::Both => {
-                main.send(bytes)?;
-                side.send(bytes)
-            }
-            Route::Main => {
-                if side.unsynced {
-                    side.sync()?;
-                }
-                main.unsynced = true;
-                main.send(bytes)
-            }
-            Route::Rows { first } => {
-                if first {
-                    on_side = side.rows < main.rows;
-                    if on_side && main.unsynced {
-                        main.sync()?;
-                    }
-                }
-                let lane = if on_side { &mut *side } else { &mut *main };
-                lane.rows += bytes.len() as u64;
-                lane.unsynced |= on_side;
-                lane.send(bytes)
-            }
-        });
-        if let Err(e) = fed {
-            break Err(e);
+    let mut route = |route, bytes: &[u8]| match route {
+        Route::Both => {
+            main.send(bytes)?;
+            side.send(bytes)
         }
-        let total = streamed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        progress.streamed(total);
-    }
+        Route::Main => {
+            if side.unsynced {
+                side.sync()?;
+            }
+            main.unsynced = true;
+            main.send(bytes)
+        }
+        Route::Rows { first } => {
+            if first {
+                on_side = side.rows < main.rows;
+                if on_side && main.unsynced {
+                    main.sync()?;
+                }
+            }
+            let lane = if on_side { &mut *side } else { &mut *main };
+            lane.rows += bytes.len() as u64;
+            lane.unsynced |= on_side;
+            lane.send(bytes)
+        }
+    };
+    pump(from, streamed, Some(progress), &mut |chunk| {
+        splitter.feed(chunk, &mut route)
+    })
 }
 
 /// Databases with at least this much table data (the server's estimate)
@@ -705,6 +694,20 @@ fn relay(
     streamed: &AtomicU64,
     progress: Option<&dyn DbProgress>,
 ) -> Result<(), Broke> {
+    pump(from, streamed, progress, &mut |chunk| {
+        counter.feed(chunk);
+        to.write_all(chunk).map_err(Broke::Write)
+    })
+}
+
+/// Read a dump to its end, chunk by chunk into `each`, adding the bytes
+/// to `streamed` (and telling `progress`).
+fn pump(
+    from: &mut dyn Read,
+    streamed: &AtomicU64,
+    progress: Option<&dyn DbProgress>,
+    each: &mut dyn FnMut(&[u8]) -> Result<(), Broke>,
+) -> Result<(), Broke> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -713,12 +716,11 @@ fn relay(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Broke::Read(e)),
         };
-        counter.feed(&buf[..n]);
+        each(&buf[..n])?;
         let total = streamed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         if let Some(p) = progress {
             p.streamed(total);
         }
-        to.write_all(&buf[..n]).map_err(Broke::Write)?;
     }
 }
 

@@ -606,8 +606,10 @@ fn dry_run_changes_nothing(e: Engine) {
     let before = [dump_text(e, 0, &db), dump_text(e, 1, &db)];
     let dbs_before = [databases(e, 0, &db), databases(e, 1, &db)];
 
+    // The default threshold (64 MiB), whatever this test's environment says.
     let run = hasync()
         .config(&cfg)
+        .env("HASYNC_DB_SPLIT_MIN", "67108864")
         .args(["-vv", "sync", "--db-only", "--dry-run"])
         .run();
     run.code(0);
