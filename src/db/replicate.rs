@@ -461,6 +461,8 @@ fn stream(
     let streamed = AtomicU64::new(0);
     let mut counter = RowCounter::new(format);
     let mut write_error = None;
+    // A loader whose input broke: it is ending by itself.
+    let mut dying = None;
     if read_error.is_none() {
         let mut from = (&prefix[..]).chain(&mut dumper.stdout);
         let relayed = if let [to] = &mut stdins[..] {
@@ -485,7 +487,8 @@ fn stream(
         match relayed {
             Ok(()) => {}
             Err(Broke::Read(e)) => read_error = Some(e),
-            Err(Broke::Write(e)) => write_error = Some(e),
+            Err(Broke::Write(e)) => (dying, write_error) = (Some(0), Some(e)),
+            Err(Broke::Loader(i, e)) => (dying, write_error) = (Some(i), Some(e)),
             Err(Broke::NoSchema | Broke::Other) => unreachable!("a relay breaks on i/o only"),
         }
     }
@@ -493,8 +496,16 @@ fn stream(
     if stream_broke {
         // Without its input's end a loader would commit a partial load
         // only into staging, which is dropped anyway; stop them all now.
+        // The dying one gets a moment to exit by itself first, so that its
+        // own status and error reach us rather than our SIGKILL's.
         dumper.kill();
-        for l in &mut loaders {
+        for (i, l) in loaders.iter_mut().enumerate() {
+            if dying != Some(i) {
+                l.kill();
+            }
+        }
+        if let Some(l) = dying.and_then(|i| loaders.get_mut(i)) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
             l.kill();
         }
     }
@@ -537,6 +548,8 @@ const SYNCED: &str = "hasync: synced";
 
 /// One loader of [`relay_split`].
 struct Lane<'a> {
+    /// Its place among the loaders (for [`Broke::Loader`]).
+    index: usize,
     to: &'a mut Box<dyn Write + Send>,
     /// The numbers of the sync queries it answered, read from its output.
     answers: std::sync::mpsc::Receiver<u64>,
@@ -549,22 +562,27 @@ struct Lane<'a> {
 
 impl Lane<'_> {
     fn send(&mut self, bytes: &[u8]) -> Result<(), Broke> {
-        self.to.write_all(bytes).map_err(Broke::Write)
+        let index = self.index;
+        self.to
+            .write_all(bytes)
+            .map_err(|e| Broke::Loader(index, e))
     }
 
     /// Wait until the loader has run everything it was sent.
     fn sync(&mut self) -> Result<(), Broke> {
         self.asked += 1;
         self.send(format!("SELECT '{SYNCED} {}';\n", self.asked).as_bytes())?;
-        self.to.flush().map_err(Broke::Write)?;
+        let index = self.index;
+        self.to.flush().map_err(|e| Broke::Loader(index, e))?;
         loop {
             match self.answers.recv() {
                 Ok(n) if n == self.asked => break,
                 Ok(_) => {}
                 Err(_) => {
-                    return Err(Broke::Write(std::io::Error::other(
-                        "the loader ended before it answered",
-                    )))
+                    return Err(Broke::Loader(
+                        index,
+                        std::io::Error::other("the loader ended before it answered"),
+                    ))
                 }
             }
         }
@@ -593,7 +611,7 @@ fn relay_split(
     progress: &dyn DbProgress,
 ) -> Result<(), Broke> {
     let mut lanes = Vec::new();
-    for (to, out) in to.iter_mut().zip(outputs) {
+    for (index, (to, out)) in to.iter_mut().zip(outputs).enumerate() {
         let (tx, rx) = std::sync::mpsc::channel();
         // Not joined: it ends with its loader's output, when the loader
         // exits after its input's end (or is killed by the caller).
@@ -612,6 +630,7 @@ fn relay_split(
             }
         });
         lanes.push(Lane {
+            index,
             to,
             answers: rx,
             asked: 0,
@@ -679,6 +698,9 @@ enum Broke {
     Read(std::io::Error),
     /// Writing into the loader failed (it died).
     Write(std::io::Error),
+    /// Loader `.0` of several died (a write into it failed, or its output
+    /// ended before it answered a sync).
+    Loader(usize, std::io::Error),
     /// The first loader ended without saying the schema (or its rows) were
     /// loaded.
     NoSchema,
@@ -913,7 +935,7 @@ fn stream_pg_split(
     for (loader, r) in [(0, main_result), (1, side_result)] {
         match r {
             Ok(()) | Err(Broke::Other) => {}
-            Err(Broke::Write(e)) => {
+            Err(Broke::Write(e) | Broke::Loader(_, e)) => {
                 return Err(match outputs[loader].as_ref().filter(|o| !o.success()) {
                     Some(o) => load_failed(dst.name(), o, bytes),
                     None => broken_stream(dst.name(), &e),
