@@ -1188,7 +1188,9 @@ fn replicate_mysql(
         mysql::catalog(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
     let charset =
         mysql::charset(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
-    let split = mysql_split(&mut pc, src)?;
+    let split = mysql_splits(
+        &mysql::sizes(&mut pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?,
+    );
     drop(pc);
     if split {
         out.streams = 2;
@@ -1296,11 +1298,10 @@ fn replicate_mysql(
     Ok(out)
 }
 
-/// Whether the primary's MySQL database is large enough to load in two
-/// streams (see [`split_min`]).
-fn mysql_split(pc: &mut ::mysql::Conn, src: &End) -> Result<bool, StepError> {
-    let sizes = mysql::sizes(pc, &src.db.name).map_err(|e| fail("preflight", src.name(), e))?;
-    Ok(sizes.iter().map(|(_, n)| n).sum::<u64>() >= split_min())
+/// Whether a MySQL database of tables of these sizes loads in two streams
+/// (see [`split_min`]).
+fn mysql_splits(sizes: &[(String, u64)]) -> bool {
+    sizes.iter().map(|(_, n)| n).sum::<u64>() >= split_min()
 }
 
 /// The verification queries of `readonly_sql`, re-run on the live database
@@ -1603,7 +1604,9 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
     let (src, dst) = open_both(primary, mirror)?;
     let staging = staging_name(&dst.db.name);
     let previous = previous_name(&dst.db.name);
-    let (cat, counts, sizes, exists) = match src.db.engine {
+    // Whether the load would be in two streams, and PostgreSQL's tables
+    // for the second (MySQL's rows are split by statement).
+    let (cat, counts, sizes, exists, split, side) = match src.db.engine {
         Engine::Mysql => {
             let mut pc = src.mysql(Some(&src.db.name))?;
             let e = |e| fail("preflight", src.name(), e);
@@ -1616,10 +1619,11 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
                 );
             }
             let sizes = mysql::sizes(&mut pc, &src.db.name).map_err(e)?;
+            let split = mysql_splits(&sizes);
             let mut mc = dst.mysql(None)?;
             let exists = mysql::schema_exists(&mut mc, &dst.db.name)
                 .map_err(|e| fail("preflight", dst.name(), e))?;
-            (cat, counts, sizes, exists)
+            (cat, counts, sizes, exists, split, Vec::new())
         }
         Engine::Postgres => {
             let mut pc = src.pg(&src.db.name)?;
@@ -1627,10 +1631,18 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
             let cat = pg::catalog(&mut pc).map_err(e)?;
             let counts = pg::counts(&mut pc, &cat.tables).map_err(e)?;
             let sizes = pg::sizes(&mut pc).map_err(e)?;
+            let side = pg::second_stream_tables(&mut pc, split_min()).map_err(e)?;
             let mut mm = dst.pg_maintenance()?;
             let exists = pg::database_exists(&mut mm, &dst.db.name)
                 .map_err(|e| fail("preflight", dst.name(), e))?;
-            (cat, counts, sizes, exists)
+            (
+                cat,
+                counts,
+                sizes,
+                exists,
+                side.is_some(),
+                side.unwrap_or_default(),
+            )
         }
     };
     let size_of: BTreeMap<String, u64> = sizes.into_iter().collect();
@@ -1648,8 +1660,6 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
     }
     let (p, m) = (src.name().to_string(), dst.name().to_string());
     let state = |n: &Node| format!("{}/.hasync-...", n.state_dir);
-    let data_bytes: u64 = size_of.values().sum();
-    let split = data_bytes >= split_min();
     let mut steps = Vec::new();
     match src.db.engine {
         Engine::Mysql => {
@@ -1680,7 +1690,7 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
                 ),
             ));
             if split {
-                steps.push((m.clone(), format!("two such loaders: the dump's INSERT statements split between them, everything else in order on the first ({} of table data, at least {})", crate::sync::plan::human_bytes(data_bytes), crate::sync::plan::human_bytes(split_min()))));
+                steps.push((m.clone(), format!("two such loaders: the dump's INSERT statements split between them, everything else in order on the first (at least {} of table data)", crate::sync::plan::human_bytes(split_min()))));
             }
         }
         Engine::Postgres => {
@@ -1709,7 +1719,8 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
                 format!("| {}", pg::load_command(dst.db, mf.as_deref(), &staging)),
             ));
             if split {
-                steps.push((m.clone(), format!("two such loaders, with pg_dump run per section in the same snapshot: the largest tables' rows (about half) on the second, the rest on the first ({} of table data, at least {})", crate::sync::plan::human_bytes(data_bytes), crate::sync::plan::human_bytes(split_min()))));
+                let side: Vec<String> = side.iter().map(ToString::to_string).collect();
+                steps.push((m.clone(), format!("two such loaders, with pg_dump run per section in the same snapshot: the rows of {} on the second, the schema, the other rows, then the indexes and constraints on the first (at least {} of table data)", side.join(", "), crate::sync::plan::human_bytes(split_min()))));
             }
         }
     }
