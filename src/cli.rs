@@ -135,12 +135,17 @@ pub enum Command {
     Rejoin(RejoinArgs),
     /// Serve /primary, /standby and /health over HTTP for a load balancer.
     ///
-    /// Runs on a node (in the foreground, for systemd) and answers from that
-    /// node's own state record: /primary 200 only while the node is the
-    /// primary (503 otherwise), /standby 200 only on a standby, /health 200
-    /// with the role, epoch and last cycle as JSON while the record is
-    /// readable. HAProxy: templates/haproxy-hasync.cfg routes only to the
-    /// primary (`option httpchk GET /primary`).
+    /// Runs on a node (in the foreground, for systemd) and answers what users
+    /// get from it: /primary is 200 only while the node's state record says
+    /// primary AND its application is up (its status command exits 0, its
+    /// health_url answers 2xx) AND, with a writable_check, accepts writes;
+    /// /standby likewise for a standby running read-only. While a cycle or a
+    /// role change has the node's service stopped (from just before the stop
+    /// until it is started again) both answer 503 with the step in the body
+    /// ("cycle: final file pass"), so a load balancer can send users to a
+    /// backup server or a maintenance page. /health gives the same as JSON
+    /// (200 while the application is up). HAProxy:
+    /// templates/haproxy-hasync.cfg.
     HealthServer(HealthArgs),
     /// Run cycles on the [schedule] cron line, in the foreground (for systemd).
     ///
@@ -203,6 +208,14 @@ pub struct HealthArgs {
     /// The node this runs on (default: the one with address = "local").
     #[arg(long, value_name = "NODE")]
     pub node: Option<String>,
+    /// How long an answer about the application is reused, so that a
+    /// check every few hundred ms does not run the probes each time.
+    #[arg(long, value_name = "TIME", default_value = "1s", value_parser = duration)]
+    pub probe_cache: std::time::Duration,
+    /// How long the probes (status, health_url, writable_check) may take
+    /// together; a probe that has not answered by then counts as down.
+    #[arg(long, value_name = "TIME", default_value = "2s", value_parser = duration)]
+    pub probe_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

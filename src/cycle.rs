@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Node};
 use crate::db::replicate::{self as dbrep, DbProgress, DbSummary};
-use crate::lock::{self, CycleLock, Holder};
+use crate::lock::{self, CycleLock, Holder, ServiceStep, Step};
 use crate::roles;
 use crate::service;
 use crate::state::{self, CycleRecord, PhaseTime};
@@ -121,6 +121,9 @@ pub struct Cycle {
     /// standby's stop used to let the cycle stop the primary as well).
     interruption: Mutex<Option<CycleError>>,
     lock: Mutex<Option<CycleLock>>,
+    /// Per node (index into `nodes`): where this cycle left its service,
+    /// as announced to the node (see [`Cycle::announce`]).
+    service_steps: Mutex<Vec<ServiceStep>>,
 }
 
 /// Why a cycle stopped early.
@@ -130,6 +133,9 @@ pub struct CycleError {
     pub step: String,
     pub detail: String,
 }
+
+/// The step of a start whose application came up in the wrong mode.
+const MODE_CHECK: &str = "mode check";
 
 fn err(step: &str, detail: impl std::fmt::Display) -> CycleError {
     CycleError {
@@ -180,6 +186,7 @@ impl Cycle {
             phase: Mutex::new(None),
             interruption: Mutex::new(None),
             lock: Mutex::new(None),
+            service_steps: Mutex::new(vec![ServiceStep::Untouched; config.nodes.len()]),
         }))
     }
 
@@ -239,7 +246,36 @@ impl Cycle {
         }
         *self.phase() = Some((phase.to_string(), Instant::now()));
         self.ui.info(&format!("{} BEGIN {phase}", state::now()));
+        for i in self.participants() {
+            self.announce(i, None);
+        }
         Ok(())
+    }
+
+    /// Tell node `i`, through the channel of its lock, the phase and where
+    /// this cycle left its service (`service`: it changed now). The
+    /// node's health server answers from it: 503 from the moment its
+    /// service is about to stop until it is started again.
+    fn announce(&self, i: usize, service: Option<ServiceStep>) {
+        let mut steps = self.service_steps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = service {
+            steps[i] = s;
+        }
+        let step = Step {
+            step: format!(
+                "{}: {}",
+                if self.switchover {
+                    "switchover"
+                } else {
+                    "cycle"
+                },
+                self.current_phase()
+            ),
+            service: steps[i],
+        };
+        if let Some(l) = self.lock.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            l.announce(&self.nodes[i].name, &step);
+        }
     }
 
     fn end(&self) {
@@ -375,6 +411,7 @@ impl Cycle {
         }
         // Recorded before the stop: a stop that half-worked is started again.
         st.stopped.push(i);
+        self.announce(i, Some(ServiceStep::Down));
         let r = service::stop(self.t(i), node);
         drop(st);
         r.map_err(|e| err("quiesce", e))?;
@@ -388,15 +425,26 @@ impl Cycle {
         let Some(pos) = st.stopped.iter().position(|&s| s == i) else {
             return Ok(());
         };
-        let r = service::start(self.t(i), &self.nodes[i]);
-        if r.is_ok() {
+        let mode = if i == self.serving() {
+            service::Mode::Writable
+        } else {
+            service::Mode::ReadOnly
+        };
+        self.announce(i, Some(ServiceStep::Starting));
+        let r = service::start(self.t(i), &self.nodes[i], mode);
+        // Running in the wrong mode is running: it is not started again,
+        // and the error says which mode it is in.
+        let wrong_mode = matches!(r, Err(service::ServiceError::WrongMode { .. }));
+        if r.is_ok() || wrong_mode {
             st.stopped.remove(pos);
             if i == self.serving() {
                 st.outage = st.outage_start.map(|t| t.elapsed().as_secs_f64());
             }
+        } else {
+            self.announce(i, Some(ServiceStep::Down));
         }
         drop(st);
-        r.map_err(|e| err("restart", e))?;
+        r.map_err(|e| err(if wrong_mode { MODE_CHECK } else { "restart" }, e))?;
         self.ui
             .info(&format!("{}: service started", self.nodes[i].name));
         Ok(())
@@ -666,10 +714,11 @@ impl Cycle {
         for i in order {
             // `start` needs `finished` unset only for `begin`; it checks `stopped`.
             if let Err(e) = self.start(i) {
-                still_down.push(format!(
-                    "node {}: its service is DOWN: {e}",
-                    self.nodes[i].name
-                ));
+                still_down.push(if e.step == MODE_CHECK {
+                    format!("{}", e.detail)
+                } else {
+                    format!("node {}: its service is DOWN: {e}", self.nodes[i].name)
+                });
             }
         }
         let st = self.st();

@@ -11,7 +11,7 @@
 //! on *this* host whose SSH session has not noticed yet), the second cycle
 //! ends that `cat` and takes the lock over.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use crate::config::Node;
@@ -77,6 +77,118 @@ impl CycleLock {
     pub fn nodes(&self) -> Vec<&str> {
         self.holders.iter().map(|(n, _)| n.as_str()).collect()
     }
+
+    /// Say on `node` what the run is doing there: one line into the
+    /// channel its lock's `cat` reads, which the `cat` writes into
+    /// `state_dir/cycle.step` for [`activity`] (the health server, status
+    /// and check). No command runs for it. Best effort: a line that cannot
+    /// be written is left out, the run goes on.
+    pub fn announce(&mut self, node: &str, step: &Step) {
+        let Some((_, p)) = self.holders.iter_mut().find(|(n, _)| n == node) else {
+            return;
+        };
+        if let Some(w) = p.stdin.as_mut() {
+            let mut line = serde_json::to_vec(step).unwrap_or_default();
+            line.push(b'\n');
+            let _ = w.write_all(&line).and_then(|()| w.flush());
+        }
+    }
+}
+
+/// What a run holding the lock says it does on a node: its step, and
+/// what it did to the node's service. Written by [`CycleLock::announce`],
+/// read by [`activity`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Step {
+    /// "cycle: final file pass", "promote: starting the service writable".
+    pub step: String,
+    /// Where the run left this node's service.
+    pub service: ServiceStep,
+}
+
+/// Where a run holding the lock left a node's service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceStep {
+    /// Not touched (yet): it serves as it did.
+    Untouched,
+    /// Being stopped, stopped, or being started: users get nothing from
+    /// it now, whatever a probe of a moment ago said.
+    Down,
+    /// Being started again by this run, or started: it holds it down no
+    /// more, and the application's own probes tell whether it serves.
+    Starting,
+}
+
+/// A run that holds a node's lock now, as the node's files say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Activity {
+    /// "host=.. pid=.. started=..": who runs it.
+    pub holder: String,
+    /// Its last announced step (none yet: it only took the lock).
+    pub step: Option<Step>,
+}
+
+/// The shell snippet behind [`activity`] over a transport: prints the
+/// holder line and the last step line while the lock's `cat` lives.
+fn activity_script(node: &Node) -> String {
+    let (_, holder) = paths(node);
+    format!(
+        "h={h}; s={s}; [ -r \"$h\" ] || exit 0; p=$(sed -n 's/.* lockpid=\\([0-9]*\\).*/\\1/p' \"$h\"); \
+         [ -n \"$p\" ] && [ -r \"/proc/$p/cmdline\" ] && [ \"$(tr '\\0' ' ' < \"/proc/$p/cmdline\" | cut -d' ' -f1)\" = cat ] || exit 0; \
+         head -n 1 \"$h\"; tail -n 1 \"$s\" 2>/dev/null; exit 0",
+        h = shell_quote(&holder),
+        s = shell_quote(&step_path(node)),
+    )
+}
+
+fn step_path(node: &Node) -> String {
+    format!("{}/cycle.step", node.state_dir)
+}
+
+/// The run holding `node`'s lock now, if one does. The lock lives as long
+/// as its `cat` (see the module docs), so a crashed run is never reported
+/// as running.
+pub fn activity(t: &dyn Transport, node: &Node) -> Result<Option<Activity>, String> {
+    let out = t
+        .exec(&activity_script(node), b"", Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    if !out.success() {
+        return Err(format!("exit {}: {}", out.status, out.stderr_tail()));
+    }
+    Ok(parse_activity(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// [`activity`] from this machine's own files, without a process: for the
+/// health server, which runs on the node and answers often.
+pub fn local_activity(node: &Node) -> Option<Activity> {
+    let (_, holder) = paths(node);
+    let h = std::fs::read_to_string(&holder).ok()?;
+    let pid = h
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("lockpid="))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if cmdline.split(|&b| b == 0).next() != Some(b"cat") {
+        return None;
+    }
+    let steps = std::fs::read_to_string(step_path(node)).unwrap_or_default();
+    let last = steps.lines().last().unwrap_or("");
+    parse_activity(&format!("{}\n{last}\n", h.lines().next().unwrap_or("")))
+}
+
+fn parse_activity(text: &str) -> Option<Activity> {
+    let mut lines = text.lines();
+    let holder = lines.next()?.trim();
+    if holder.is_empty() {
+        return None;
+    }
+    let holder = holder
+        .split_whitespace()
+        .filter(|kv| !kv.starts_with("lockpid="))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let step = lines.next().and_then(|l| serde_json::from_str(l).ok());
+    Some(Activity { holder, step })
 }
 
 impl Drop for CycleLock {
@@ -101,11 +213,12 @@ fn try_one(t: &dyn Transport, node: &Node, me: &Holder) -> Result<Option<Process
     let (lock, holder) = paths(node);
     let script = format!(
         "d={dir}; mkdir -p -m 700 \"$d\" || exit 1; command -v flock >/dev/null || {{ echo 'flock (util-linux) is not on PATH' >&2; exit 1; }}; \
-         exec flock -n -E 75 {lock} sh -c 'printf \"%s lockpid=%s\\n\" \"$1\" \"$$\" > \"$2\"; echo locked; exec cat >/dev/null' sh {me} {holder}",
+         exec flock -n -E 75 {lock} sh -c ': > \"$3\"; printf \"%s lockpid=%s\\n\" \"$1\" \"$$\" > \"$2\"; echo locked; exec cat > \"$3\"' sh {me} {holder} {step}",
         dir = shell_quote(&node.state_dir),
         lock = shell_quote(&lock),
         me = shell_quote(&me.line()),
         holder = shell_quote(&holder),
+        step = shell_quote(&step_path(node)),
     );
     let fail = |detail: String| LockError::Failed {
         node: node.name.clone(),

@@ -245,6 +245,11 @@ pub struct NodeStatus {
     /// Whether the node has a state record yet (else: the config's role).
     pub has_record: bool,
     pub service_running: Option<bool>,
+    /// The application as its probes see it (status, health_url,
+    /// writable_check); `None` without a service section.
+    pub application: Option<crate::service::AppState>,
+    /// A run holding the node's lock now, and its step.
+    pub activity: Option<crate::lock::Activity>,
     /// The readonly_sql checks (its SELECTs) on the live database: true =
     /// read-only, false = writable, None = no check configured or unreadable.
     pub db_read_only: Option<bool>,
@@ -280,6 +285,8 @@ fn status_of(n: &Node) -> NodeStatus {
         epoch: None,
         has_record: false,
         service_running: None,
+        application: None,
+        activity: None,
         db_read_only: None,
         last_cycle: None,
         last_ok: None,
@@ -311,10 +318,9 @@ fn status_of(n: &Node) -> NodeStatus {
     st.last_ok = rec.last_ok().cloned();
     st.failures_total = rec.failures_total;
     st.record = Some(rec);
-    match crate::service::running(&*t, n) {
-        Ok(r) => st.service_running = r,
-        Err(e) => st.error = Some(e.to_string()),
-    }
+    st.application = crate::service::probe(&*t, n, std::time::Duration::from_secs(10));
+    st.service_running = st.application.as_ref().map(|a| a.up);
+    st.activity = crate::lock::activity(&*t, n).unwrap_or_default();
     st.db_read_only = crate::db::replicate::read_only_flag(&*t, n);
     st
 }

@@ -47,8 +47,68 @@ pub enum ServiceError {
         url: String,
         last: String,
     },
+    /// The application runs, but not in the mode its role demands (its
+    /// `writable_check` said so until the timeout).
+    #[error("node {node}: the application runs {actual} but its role wants it {wanted} (`{check}` said so for {secs:.0} s after the start); {hint}")]
+    WrongMode {
+        node: String,
+        actual: &'static str,
+        wanted: &'static str,
+        check: String,
+        secs: f64,
+        hint: &'static str,
+    },
     #[error("node {node}: {detail}")]
     Transport { node: String, detail: String },
+}
+
+/// The mode a node's role demands of its application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The primary: it takes the users' writes.
+    Writable,
+    /// A standby: it serves reads at most; every write would be lost.
+    ReadOnly,
+}
+
+impl Mode {
+    fn word(self) -> &'static str {
+        match self {
+            Mode::Writable => "writable",
+            Mode::ReadOnly => "read-only",
+        }
+    }
+}
+
+/// What the application on a node is doing, as far as it can be known:
+/// what `hasync status`, `hasync check` and the health server report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AppState {
+    /// It runs (`status` exit 0) and, with a `health_url`, answers 2xx.
+    pub up: bool,
+    /// From `writable_check`, while it is up: `Some(true)` it accepts
+    /// writes, `Some(false)` it runs read-only, `None` unknown.
+    pub writable: Option<bool>,
+    /// What the probes said, for people.
+    pub detail: String,
+}
+
+impl AppState {
+    /// "up, writable", "up (mode unknown)", "DOWN".
+    pub fn describe(&self) -> String {
+        match (self.up, self.writable) {
+            (false, _) => "DOWN".into(),
+            (true, Some(true)) => "up, writable".into(),
+            (true, Some(false)) => "up, read-only".into(),
+            (true, None) => "up".into(),
+        }
+    }
+
+    /// Whether it serves in `mode`: up, and not known to be in the other
+    /// mode (a node without `writable_check` is judged on up alone).
+    pub fn serves_in(&self, mode: Mode) -> bool {
+        self.up && self.writable != Some(mode == Mode::ReadOnly)
+    }
 }
 
 const POLL: Duration = Duration::from_millis(200);
@@ -134,6 +194,99 @@ fn wait_status(
     }
 }
 
+/// Ask the application how it is, each probe bounded by `deadline`: its
+/// `status` command, then its `health_url`, then its `writable_check`. A
+/// probe that does not answer in time counts as down (or mode unknown).
+/// `None`: the node has no service section.
+pub fn probe(t: &dyn Transport, node: &Node, deadline: Duration) -> Option<AppState> {
+    let svc = node.service.as_ref()?;
+    let down = |detail: String| AppState {
+        up: false,
+        writable: None,
+        detail,
+    };
+    match t.exec(&svc.status, b"", Some(deadline)) {
+        Ok(out) if out.status == 0 => {}
+        Ok(out) => return Some(down(format!("`{}` exit {}", svc.status, out.status))),
+        Err(crate::transport::TransportError::Timeout { .. }) => {
+            return Some(down(format!(
+                "`{}` did not answer within {:.1} s",
+                svc.status,
+                deadline.as_secs_f64()
+            )))
+        }
+        Err(e) => return Some(down(format!("`{}`: {e}", svc.status))),
+    }
+    if let Some(url) = &svc.health_url {
+        match http_status_within(t, url, deadline) {
+            Ok(code) if (200..300).contains(&code) => {}
+            Ok(code) => return Some(down(format!("{url}: HTTP {code}"))),
+            Err(e) => return Some(down(format!("{url}: {e}"))),
+        }
+    }
+    let (writable, detail) = match &svc.writable_check {
+        None => (None, "running".to_string()),
+        Some(cmd) => match t.exec(cmd, b"", Some(deadline)) {
+            Ok(out) if out.status == 0 => (Some(true), "running, accepts writes".into()),
+            Ok(out) if out.status == 1 => (Some(false), "running read-only".into()),
+            Ok(out) => (
+                None,
+                format!("running; `{cmd}` exit {}: mode unknown", out.status),
+            ),
+            Err(e) => (None, format!("running; `{cmd}`: {e}: mode unknown")),
+        },
+    };
+    Some(AppState {
+        up: true,
+        writable,
+        detail,
+    })
+}
+
+/// After a start: wait until the application's `writable_check` says it
+/// runs in `mode` (nothing to wait for without one), within the
+/// service's timeout counted from `deadline`.
+fn wait_mode(
+    t: &dyn Transport,
+    node: &Node,
+    svc: &Service,
+    mode: Mode,
+    deadline: Instant,
+) -> Result<(), ServiceError> {
+    let Some(check) = &svc.writable_check else {
+        return Ok(());
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = match t.exec(check, b"", Some(left.max(Duration::from_secs(1)))) {
+            Ok(out) if out.status == 0 => Some(Mode::Writable),
+            Ok(out) if out.status == 1 => Some(Mode::ReadOnly),
+            _ => None,
+        };
+        if got == Some(mode) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ServiceError::WrongMode {
+                node: node.name.clone(),
+                actual: got.map_or("in an unknown mode", Mode::word),
+                wanted: mode.word(),
+                check: check.clone(),
+                secs: svc.timeout.as_secs_f64(),
+                hint: match mode {
+                    Mode::Writable => {
+                        "check readwrite_sql and the application's read-only flag, then restart it"
+                    }
+                    Mode::ReadOnly => {
+                        "check readonly_sql and the application's read-only flag, then restart it"
+                    }
+                },
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// Stop the service and wait until `status` says it is down.
 pub fn stop(t: &dyn Transport, node: &Node) -> Result<(), ServiceError> {
     let Some(svc) = &node.service else {
@@ -144,9 +297,14 @@ pub fn stop(t: &dyn Transport, node: &Node) -> Result<(), ServiceError> {
     wait_status(t, node, svc, &svc.stop, false, deadline)
 }
 
-/// Start the service, wait until `status` says it runs and, with a
-/// `health_url`, until the URL answers 2xx.
-pub fn start(t: &dyn Transport, node: &Node) -> Result<(), ServiceError> {
+/// Start the service, wait until `status` says it runs, with a
+/// `health_url` until the URL answers 2xx, and with a `writable_check`
+/// until the application says it runs in `mode`.
+///
+/// An LSB `start` of a running service does nothing, and applications
+/// read their read-only flag at startup: a role change that changed the
+/// flag calls [`restart`] instead.
+pub fn start(t: &dyn Transport, node: &Node, mode: Mode) -> Result<(), ServiceError> {
     let Some(svc) = &node.service else {
         return Ok(());
     };
@@ -156,6 +314,24 @@ pub fn start(t: &dyn Transport, node: &Node) -> Result<(), ServiceError> {
     if let Some(url) = &svc.health_url {
         wait_healthy(t, node, url, deadline)?;
     }
+    wait_mode(t, node, svc, mode, deadline)
+}
+
+/// A role change on a node whose application may be running: stop it,
+/// run `between` (the SQL that sets the new mode's flag) while it is
+/// down, start it in `mode`. The application reads its flag at startup
+/// (OpenKM does), so the flag alone would change nothing until someone
+/// restarted it. `between`'s error stops the sequence with the service
+/// stopped; the caller says what that means.
+pub fn restart<E: From<ServiceError>>(
+    t: &dyn Transport,
+    node: &Node,
+    mode: Mode,
+    between: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
+    stop(t, node)?;
+    between()?;
+    start(t, node, mode)?;
     Ok(())
 }
 
@@ -180,14 +356,22 @@ pub fn parse_http_url(url: &str) -> Option<(String, u16, String)> {
 
 /// One GET through `t`'s tunnel: the status code, or why there is none.
 pub fn http_status(t: &dyn Transport, url: &str) -> Result<u16, String> {
+    http_status_within(t, url, Duration::from_secs(10))
+}
+
+/// [`http_status`] with the connection and the answer each bounded by
+/// `deadline`.
+pub fn http_status_within(t: &dyn Transport, url: &str, deadline: Duration) -> Result<u16, String> {
     let (host, port, path) =
         parse_http_url(url).ok_or_else(|| format!("not an http:// URL: {url}"))?;
     let tunnel = t
         .tunnel(&host, port)
         .map_err(|e| format!("tunnel to {host}:{port}: {e}"))?;
-    let mut s = TcpStream::connect_timeout(&tunnel.local_addr, Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut s =
+        TcpStream::connect_timeout(&tunnel.local_addr, deadline.min(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(deadline)).ok();
+    s.set_write_timeout(Some(deadline)).ok();
     write!(
         s,
         "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: hasync/{}\r\nConnection: close\r\n\r\n",
@@ -229,7 +413,7 @@ fn wait_healthy(
                 last,
             });
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(POLL);
     }
 }
 

@@ -1,15 +1,26 @@
-//! `hasync health-server`: HTTP answers for a load balancer, from this
-//! node's own state record (read from its local state_dir at each request,
-//! so a promote or a fence shows at once).
+//! `hasync health-server`: HTTP answers for a load balancer that say what
+//! users get from this node, not only what its state record says.
+//!
+//! `/primary` is 200 only while (1) the node's record (read from its local
+//! state_dir at each request, so a promote or a fence shows at once) says
+//! primary, (2) no run holding the node's lock has its service stopped
+//! (the step it announced, see `hasync::lock::activity`), and (3) the
+//! application is up, and writable where its `writable_check` can tell.
+//! `/standby` likewise, read-only. The application's probes run on this
+//! machine, bounded by `--probe-timeout`, and their answer is reused for
+//! `--probe-cache`; a probe that hangs counts as down after its deadline.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use hasync::config::Node;
+use hasync::lock::{Activity, ServiceStep};
+use hasync::service::{AppState, Mode};
 use hasync::state::{NodeRole, StateRecord};
-use hasync::transport::Address;
+use hasync::transport::{Address, Transport};
 
 use crate::cli::{Cli, HealthArgs};
 use crate::exit::Exit;
@@ -40,18 +51,100 @@ pub fn run(cli: &Cli, args: &HealthArgs, log: &Log) -> Result<Exit> {
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| anyhow!("cannot listen on {}: {e}", args.listen))?;
     log.info(&format!(
-        "hasync health-server: node {} on http://{}/primary, /standby, /health",
+        "hasync health-server: node {} on http://{}/primary, /standby, /health{}",
         node.name,
-        listener.local_addr()?
+        listener.local_addr()?,
+        if node.service.is_none() {
+            " (no [service] for this node: its record alone decides)"
+        } else {
+            ""
+        }
     ));
+    let prober = Arc::new(Prober {
+        transport: hasync::transport::on_this_machine(&node.name),
+        node: node.clone(),
+        cache: args.probe_cache,
+        timeout: args.probe_timeout,
+        state: Mutex::new(Probed::default()),
+        done: Condvar::new(),
+    });
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let node = node.clone();
+        let (node, prober) = (node.clone(), Arc::clone(&prober));
         std::thread::spawn(move || {
-            let _ = answer(stream, &node);
+            let _ = answer(stream, &node, &prober);
         });
     }
     Ok(Exit::Ok)
+}
+
+/// The application's probes, run at most once per `cache` and one at a
+/// time, whoever asks.
+struct Prober {
+    transport: Box<dyn Transport>,
+    node: Node,
+    cache: Duration,
+    timeout: Duration,
+    state: Mutex<Probed>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Probed {
+    last: Option<(Instant, Option<AppState>)>,
+    running: bool,
+}
+
+impl Prober {
+    /// The application's state, at most `cache` old; down if the probe
+    /// has not answered within `timeout`. `None`: no service configured.
+    fn get(self: &Arc<Self>) -> Option<AppState> {
+        self.node.service.as_ref()?;
+        let asked = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some((at, answer)) = &st.last {
+                // Fresh, or answered since this request came.
+                if at.elapsed() < self.cache || *at >= asked {
+                    return answer.clone();
+                }
+                // While a newer one is on its way, the last answer serves
+                // until it is older than the cache and the deadline: no
+                // request waits for a probe, and a probe that hangs turns
+                // into "down" within that time.
+                if st.running && at.elapsed() < self.cache + self.timeout {
+                    return answer.clone();
+                }
+            }
+            if !st.running {
+                st.running = true;
+                let me = Arc::clone(self);
+                std::thread::spawn(move || {
+                    let answer = hasync::service::probe(&*me.transport, &me.node, me.timeout);
+                    let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last = Some((Instant::now(), answer));
+                    st.running = false;
+                    me.done.notify_all();
+                });
+            }
+            let left = (asked + self.timeout).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(AppState {
+                    up: false,
+                    writable: None,
+                    detail: format!(
+                        "its probes did not answer within {:.1} s",
+                        self.timeout.as_secs_f64()
+                    ),
+                });
+            }
+            st = self
+                .done
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
 }
 
 /// The node's record from its local state_dir (the config's role before the
@@ -73,8 +166,9 @@ fn record(node: &Node) -> Result<StateRecord, String> {
     }
 }
 
-fn answer(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, node: &Node, prober: &Arc<Prober>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
@@ -87,44 +181,155 @@ fn answer(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let rec = record(node);
-    let (code, body) = match (path, &rec) {
-        (_, Err(e)) if path != "/health" => (503, format!("state unreadable: {e}\n")),
-        ("/primary", Ok(r)) => role_answer(r, NodeRole::Primary),
-        ("/standby", Ok(r)) => role_answer(r, NodeRole::Standby),
-        ("/health", Ok(r)) => (
-            200,
-            serde_json::json!({
-                "node": r.node,
-                "role": r.role,
-                "epoch": r.epoch,
-                "last_cycle": r.last_cycle.as_ref().map(|c| serde_json::json!({
-                    "outcome": c.outcome, "ended": c.ended, "reason": c.reason,
-                })),
-            })
-            .to_string()
-                + "\n",
-        ),
-        ("/health", Err(e)) => (503, format!("state unreadable: {e}\n")),
+    let (code, body) = match path {
+        "/primary" | "/standby" | "/health" => match record(node) {
+            Err(e) => (503, format!("state unreadable: {e}\n")),
+            Ok(r) => {
+                let activity = hasync::lock::local_activity(node);
+                // A run that has the service down needs no probe to say so.
+                let app = if held_down(&activity) {
+                    None
+                } else {
+                    prober.get()
+                };
+                let view = View {
+                    record: &r,
+                    activity: activity.as_ref(),
+                    app: app.as_ref(),
+                    has_service: node.service.is_some(),
+                };
+                match path {
+                    "/primary" => view.role_answer(NodeRole::Primary),
+                    "/standby" => view.role_answer(NodeRole::Standby),
+                    _ => view.health(),
+                }
+            }
+        },
         _ => (404, "try /primary, /standby or /health\n".to_string()),
     };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Service Unavailable",
+    let (reason, kind) = match code {
+        200 => ("OK", "text/plain"),
+        404 => ("Not Found", "text/plain"),
+        _ => ("Service Unavailable", "text/plain"),
+    };
+    let kind = if path == "/health" {
+        "application/json"
+    } else {
+        kind
     };
     write!(
         stream,
-        "HTTP/1.0 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.0 {code} {reason}\r\nContent-Type: {kind}; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
 
-fn role_answer(r: &StateRecord, want: NodeRole) -> (u16, String) {
-    let text = format!("{} is {} at epoch {}\n", r.node, r.role, r.epoch);
-    if r.role == want {
-        (200, text)
-    } else {
-        (503, text)
+/// Whether a run holding the lock has this node's service down now.
+fn held_down(a: &Option<Activity>) -> bool {
+    a.as_ref()
+        .and_then(|a| a.step.as_ref())
+        .is_some_and(|s| s.service == ServiceStep::Down)
+}
+
+/// What one answer is made of.
+struct View<'a> {
+    record: &'a StateRecord,
+    activity: Option<&'a Activity>,
+    /// `None`: not probed (held down, or no service configured).
+    app: Option<&'a AppState>,
+    has_service: bool,
+}
+
+impl View<'_> {
+    fn step(&self) -> Option<&str> {
+        self.activity
+            .and_then(|a| a.step.as_ref())
+            .map(|s| s.step.as_str())
+    }
+
+    /// Why the application does not serve in `mode`, or `None` if it does.
+    fn not_serving(&self, mode: Mode) -> Option<String> {
+        if held_down(&self.activity.cloned()) {
+            return Some(format!(
+                "{}: hasync has its service stopped",
+                self.step().unwrap_or("a run")
+            ));
+        }
+        if !self.has_service {
+            return None;
+        }
+        let app = self.app?;
+        if app.serves_in(mode) {
+            None
+        } else if !app.up {
+            Some(format!("the application is down ({})", app.detail))
+        } else {
+            Some(format!(
+                "the application runs {} ({})",
+                if mode == Mode::Writable {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                app.detail
+            ))
+        }
+    }
+
+    fn role_answer(&self, want: NodeRole) -> (u16, String) {
+        let r = self.record;
+        let mut text = format!("{} is {} at epoch {}", r.node, r.role, r.epoch);
+        let mode = if want == NodeRole::Primary {
+            Mode::Writable
+        } else {
+            Mode::ReadOnly
+        };
+        let why = self.not_serving(mode);
+        match (&why, self.app) {
+            (Some(w), _) => text += &format!("; {w}"),
+            (None, Some(app)) => text += &format!("; application {}", app.describe()),
+            (None, None) => {}
+        }
+        if let (None, Some(step)) = (&why, self.step()) {
+            text += &format!("; {step}");
+        }
+        text.push('\n');
+        if r.role == want && why.is_none() {
+            (200, text)
+        } else {
+            (503, text)
+        }
+    }
+
+    fn health(&self) -> (u16, String) {
+        let r = self.record;
+        let mode = if r.role == NodeRole::Primary {
+            Mode::Writable
+        } else {
+            Mode::ReadOnly
+        };
+        let why = self.not_serving(mode);
+        let up = !held_down(&self.activity.cloned()) && self.app.is_none_or(|a| a.up);
+        let body = serde_json::json!({
+            "node": r.node,
+            "role": r.role,
+            "epoch": r.epoch,
+            "serving": why.is_none(),
+            "reason": why,
+            "application": self.app.map(|a| serde_json::json!({
+                "up": a.up, "writable": a.writable, "detail": a.detail,
+            })),
+            "activity": self.activity.map(|a| serde_json::json!({
+                "holder": a.holder,
+                "step": a.step.as_ref().map(|s| &s.step),
+                "service": a.step.as_ref().map(|s| s.service),
+            })),
+            "last_cycle": r.last_cycle.as_ref().map(|c| serde_json::json!({
+                "outcome": c.outcome, "ended": c.ended, "reason": c.reason,
+            })),
+        })
+        .to_string()
+            + "\n";
+        (if up { 200 } else { 503 }, body)
     }
 }

@@ -101,11 +101,47 @@ fn problems(config: &Config, nodes: &[NodeStatus], max_age: Duration) -> Vec<(u8
                 out.push((1, s));
             }
             let p = reachable[r.primary];
-            if p.service_running == Some(false) {
-                out.push((
-                    1,
-                    format!("{}: the primary's service is not running", p.node),
-                ));
+            // A run that stopped the service on purpose says so; outside
+            // one, users get what the probes see.
+            let in_run = |n: &NodeStatus| {
+                n.activity
+                    .as_ref()
+                    .and_then(|a| a.step.as_ref())
+                    .is_some_and(|s| s.service == hasync::lock::ServiceStep::Down)
+            };
+            if let Some(app) = p.application.as_ref().filter(|_| !in_run(p)) {
+                if !app.up {
+                    out.push((
+                        2,
+                        format!(
+                            "{}: the primary's application is DOWN ({})",
+                            p.node, app.detail
+                        ),
+                    ));
+                } else if app.writable == Some(false) {
+                    out.push((
+                        2,
+                        format!(
+                            "{}: the primary's application runs read-only: users cannot write; restart it (it reads its flag at startup)",
+                            p.node
+                        ),
+                    ));
+                }
+            }
+            for &s in &r.standbys {
+                let n = reachable[s];
+                if n.application
+                    .as_ref()
+                    .is_some_and(|a| a.writable == Some(true))
+                {
+                    out.push((
+                        2,
+                        format!(
+                            "{}: the standby's application accepts writes: they are lost at the next cycle; restart it read-only",
+                            n.node
+                        ),
+                    ));
+                }
             }
         }
         Err(e @ RoleError::NoStandby { .. }) => out.push((1, e.to_string())),
@@ -158,12 +194,27 @@ pub fn status(cli: &Cli, log: &Log) -> Result<Exit> {
             ),
             None => "no cycle yet".into(),
         };
+        let app = match &n.application {
+            Some(a) => a.describe(),
+            None => "-".into(),
+        };
+        let run = match n.activity.as_ref() {
+            Some(a) => format!(
+                " [{}, {}]",
+                a.step
+                    .as_ref()
+                    .map(|s| s.step.as_str())
+                    .unwrap_or("a run holds the lock"),
+                a.holder
+            ),
+            None => String::new(),
+        };
         s += &format!(
-            "{:<10} {:<8} epoch {:<3} service {:<8} db {:<10} {}{}\n",
+            "{:<10} {:<8} epoch {:<3} app {:<13} db {:<10} {}{}{run}\n",
             n.node,
             role,
             n.epoch.unwrap_or(0),
-            yesno(n.service_running, "running", "stopped"),
+            app,
             yesno(n.db_read_only, "read-only", "writable"),
             last,
             if n.has_record {
@@ -480,13 +531,29 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             "  [{}] state record: role primary, epoch {new_epoch}\n",
             t.node
         );
+        // In the order it runs: the application reads its read-only flag
+        // at startup, so it is stopped before the SQL and started after.
+        let svc = tnode.service.as_ref();
+        if let Some(svc) = svc {
+            s += &format!("  [{}] stop: {}\n", t.node, svc.stop);
+        }
         if let Some(db) = &tnode.database {
             for q in &db.readwrite_sql {
                 s += &format!("  [{}] readwrite_sql: {q}\n", t.node);
             }
         }
-        if let Some(svc) = &tnode.service {
+        if let Some(svc) = svc {
             s += &format!("  [{}] start: {}\n", t.node, svc.start);
+            match &svc.writable_check {
+                Some(w) => s += &format!(
+                    "  [{}] wait until its writable_check says it accepts writes: {w}\n",
+                    t.node
+                ),
+                None => s += &format!(
+                    "  [{}] (no writable_check: whether the application accepts writes is not checked)\n",
+                    t.node
+                ),
+            }
         }
         for &i in &old_primaries {
             let o = &nodes[i];
@@ -521,18 +588,68 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
     rec.change_role(NodeRole::Primary, new_epoch, "promote");
     state::write(&*tt, tnode, &rec)?;
     log.info(&format!("{}: primary at epoch {new_epoch}", t.node));
+    // The application reads its read-only flag at startup (OpenKM does):
+    // the standby's runs read-only whatever the flag says now, and an LSB
+    // `start` of a running service does nothing. So: stop it, make the
+    // database writable while it is down, start it, and (with a
+    // writable_check) wait until it says it accepts writes.
+    let step = |lock: &mut hasync::lock::CycleLock, what: &str, down: bool| {
+        use hasync::lock::{ServiceStep, Step};
+        lock.announce(
+            &t.node,
+            &Step {
+                step: format!("promote: {what}"),
+                service: if down {
+                    ServiceStep::Down
+                } else {
+                    ServiceStep::Starting
+                },
+            },
+        );
+    };
+    let mut lock = _lock;
+    let manual = |what: &str| {
+        let svc = tnode.service.as_ref();
+        format!(
+            "{} is primary (epoch {new_epoch}) but {what}; by hand: {}run readwrite_sql on its database, then {}",
+            t.node,
+            svc.map(|s| format!("`{}`, ", s.stop)).unwrap_or_default(),
+            svc.map(|s| format!("`{}`", s.start)).unwrap_or_else(|| "start the application".into()),
+        )
+    };
+    step(&mut lock, "stopping the read-only application", true);
+    hasync::service::stop(&*tt, tnode)
+        .map_err(|e| anyhow!("{e}; {}", manual("its application still runs read-only")))?;
     if let Some(db) = &tnode.database {
-        hasync::db::replicate::run_on_live(&*tt, tnode, &db.readwrite_sql)
-            .map_err(|e| anyhow!("readwrite_sql: {e}; {} is primary (epoch {new_epoch}) but its database may still be read-only", t.node))?;
+        step(&mut lock, "readwrite_sql", true);
+        hasync::db::replicate::run_on_live(&*tt, tnode, &db.readwrite_sql).map_err(|e| {
+            anyhow!(
+                "readwrite_sql: {e}; {}",
+                manual("its database may still be read-only and its application is stopped")
+            )
+        })?;
         log.info(&format!("{}: readwrite_sql done", t.node));
     }
-    hasync::service::start(&*tt, tnode).map_err(|e| {
+    step(&mut lock, "starting the application writable", false);
+    hasync::service::start(&*tt, tnode, hasync::service::Mode::Writable).map_err(|e| {
         anyhow!(
-            "{e}; {} is primary (epoch {new_epoch}) but its service is not up",
+            "{e}; {} is primary (epoch {new_epoch}) but its application is not up writable",
             t.node
         )
     })?;
-    log.info(&format!("{}: service started", t.node));
+    log.info(&format!(
+        "{}: application restarted writable{}",
+        t.node,
+        if tnode
+            .service
+            .as_ref()
+            .is_some_and(|s| s.writable_check.is_some())
+        {
+            " (its writable_check says it accepts writes)"
+        } else {
+            ""
+        }
+    ));
     for &i in &old_primaries {
         let o = &config.nodes[i];
         if !nodes[i].reachable {

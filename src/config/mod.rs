@@ -100,6 +100,11 @@ pub struct Service {
     /// Exit 0 = running, as LSB init scripts do.
     pub status: String,
     pub health_url: Option<String>,
+    /// Asks the running application (not its database) which mode it is
+    /// in: exit 0 = it accepts writes, 1 = it runs read-only, anything else
+    /// (or no answer within the timeout) = unknown. Applications read their
+    /// read-only flag at startup, so the flag alone does not say this.
+    pub writable_check: Option<String>,
     pub timeout: Duration,
 }
 

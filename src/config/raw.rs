@@ -69,6 +69,7 @@ struct RawService {
     start: Spanned<String>,
     status: Spanned<String>,
     health_url: Option<Spanned<String>>,
+    writable_check: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
 }
 
@@ -590,6 +591,15 @@ fn check_node(
                 );
             }
         }
+        if let Some(w) = &s.writable_check {
+            if w.get_ref().trim().is_empty() {
+                c.err(
+                    w.span(),
+                    format!("node {name}: service writable_check command is empty"),
+                    Some("a shell command that exits 0 while the running application accepts writes and 1 while it runs read-only; or leave the key out".into()),
+                );
+            }
+        }
         if let Some(u) = &s.health_url {
             let v = u.get_ref();
             if !(v.starts_with("http://") || v.starts_with("https://")) {
@@ -605,6 +615,7 @@ fn check_node(
             start: s.start.into_inner(),
             status: s.status.into_inner(),
             health_url: s.health_url.map(Spanned::into_inner),
+            writable_check: s.writable_check.map(Spanned::into_inner),
             timeout,
         }
     });

@@ -147,6 +147,12 @@ pub fn connect(endpoint: &Endpoint) -> Result<Box<dyn Transport>, TransportError
     }
 }
 
+/// This machine as node `node`, whatever its configured address: for what
+/// runs on the node itself (the health server probing its own service).
+pub fn on_this_machine(node: &str) -> Box<dyn Transport> {
+    Box::new(local::LocalTransport::new(node))
+}
+
 /// A running command started by [`Transport::spawn`].
 ///
 /// `stdin` and `stdout` are ordinary blocking streams; use them from different

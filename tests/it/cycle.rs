@@ -29,6 +29,7 @@ impl Drop for AppsStopped {
     fn drop(&mut self) {
         // Never panic here: a panic while unwinding aborts the whole run.
         for n in &cluster().nodes {
+            n.app.unconfigure();
             let _ = std::process::Command::new(&n.app.script)
                 .arg("stop")
                 .stdin(std::process::Stdio::null())

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::cmd::hasync;
 use crate::cycle::{cycle_setup, record, AppsStopped};
 use crate::db::{admin, as_okm, dump_text, Engine};
+use crate::harness::app::AppConfig;
 use crate::harness::cluster;
 use crate::setup::Setup;
 
@@ -15,8 +16,20 @@ const READWRITE: &str =
 
 /// The cycle's setup (MariaDB, okm1 primary) with a readwrite_sql too,
 /// both applications running and a first cycle done.
+///
+/// The applications behave like OpenKM: each reads `system.readonly` from
+/// its node's database once, at startup, and hasync asks the running one
+/// its mode (`writable_check`).
 fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf, AppsStopped) {
-    let s = cycle_setup(label, db);
+    let mut s = cycle_setup(label, db);
+    s.writable_check = true;
+    for (i, n) in cluster().nodes.iter().enumerate() {
+        n.app.configure(&AppConfig {
+            root: Some(s.roots[i].clone()),
+            database: Some(("mysql", n.mariadb.port, db.to_string())),
+            write_every: None,
+        });
+    }
     let cfg = s.write();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -66,6 +79,16 @@ fn doc_ids(i: usize, db: &str) -> String {
     )
     .trim()
     .to_string()
+}
+
+/// The mode each node's running application says it is in.
+fn assert_modes(want: [&str; 2]) {
+    let got: Vec<Option<String>> = cluster().nodes.iter().map(|n| n.app.mode()).collect();
+    assert_eq!(
+        got,
+        want.map(|w| Some(w.to_string())),
+        "okm1, okm2 applications"
+    );
 }
 
 /// A hand-made state record in `state_dir` (as an outage or a split left it).
@@ -152,12 +175,16 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
         .code(2)
         .stdout_has("HASYNC CRITICAL - okm1 unreachable")
         .stdout_has("no reachable primary");
-    let mirror_files = crate::sync::snapshot(&s.roots[1]);
 
     // A dry run changes nothing.
     let dry = hasync().config(&cfg).args(["promote", "--dry-run"]).run();
     dry.code(0)
-        .stdout_has("would promote okm2 to primary at epoch 2");
+        .stdout_has("would promote okm2 to primary at epoch 2")
+        .stdout_has(&format!("[okm2] stop: {}", c.nodes[1].app.stop_cmd()))
+        .stdout_has("[okm2] readwrite_sql: UPDATE OKM_CONFIG")
+        .stdout_has(&format!("[okm2] start: {}", c.nodes[1].app.start_cmd()))
+        .stdout_has("[okm2] wait until its writable_check says it accepts writes");
+    assert_eq!(c.nodes[1].app.mode().as_deref(), Some("read-only"));
     assert_eq!(record(&s, 1)["role"], "standby");
 
     let p = hasync().config(&cfg).args(["promote"]).run();
@@ -169,6 +196,23 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
         "{r}"
     );
     assert!(c.nodes[1].app.is_running());
+    // The application read its flag when it started, as OpenKM does: only
+    // a restart after readwrite_sql makes it writable.
+    assert_eq!(
+        c.nodes[1].app.mode().as_deref(),
+        Some("writable"),
+        "the new primary's application accepts writes"
+    );
+    assert_eq!(
+        c.nodes[1].app.try_write(),
+        Some(201),
+        "a user can store a document"
+    );
+    // Its document 2 (file and row) is the new primary's from now on.
+    let mirror_files = crate::sync::snapshot(&s.roots[1]);
+    let st = hasync().config(&cfg).args(["status"]).run();
+    st.code(0)
+        .stdout_has("okm2       primary  epoch 2   app up, writable");
     let flag = admin(
         Engine::Mysql,
         1,
@@ -257,92 +301,244 @@ fn promote_while_the_primary_is_down_then_the_old_primary_is_fenced() {
     // The next cycle (okm2 -> okm1) makes okm1 an exact mirror.
     hasync().config(&cfg).args(["sync"]).run().code(0);
     crate::sync::assert_same_tree(&s.roots[1], &s.roots[0]);
-    assert_eq!(doc_ids(0, db), "1,5", "okm2's rows, not the split's");
+    assert_eq!(doc_ids(0, db), "1,2,5", "okm2's rows, not the split's");
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
     status_is_healthy(&cfg, "okm2", "okm1", 2);
     crate::db::drop_dbs(Engine::Mysql, 0, db);
     crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
 
-/// GET `path` from a health server; the status code.
-fn http(port: u16, path: &str) -> u16 {
+/// GET `path` from a health server: the status code and body.
+fn http(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out.split_once("\r\n\r\n").unwrap().1.to_string())
 }
 
-/// The health endpoint of each node answers from its own record and flips
-/// with the role: /primary 200 only on the primary, before and after a
-/// promote; /standby the other way round; /health 200 with JSON.
+fn code(port: u16, path: &str) -> u16 {
+    http(port, path).0
+}
+
+/// `hasync health-server` for node `node` of `cfg` on a free port, with
+/// `extra` arguments; the server and its port.
+fn health_server(cfg: &std::path::Path, node: &str, extra: &[&str]) -> (crate::cmd::Running, u16) {
+    let port = crate::harness::free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["health-server", "--listen", &listen, "--node", node];
+    args.extend_from_slice(extra);
+    let srv = hasync().config(cfg).args(args).spawn();
+    crate::db::wait_until(
+        "the health server",
+        std::time::Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    (srv, port)
+}
+
+/// One sample of a health check beside what users get.
+#[derive(Debug, Clone)]
+struct Sample {
+    ms: u128,
+    /// `/primary` of the watched node, and its body.
+    code: u16,
+    body: String,
+    /// The node's application: its `/mode` answer (None: it does not serve).
+    app: Option<String>,
+}
+
+/// Sample `/primary` on `port` and the application of node `i` every 50 ms
+/// while `during` runs; the samples.
+fn watch(port: u16, i: usize, during: impl FnOnce()) -> Vec<Sample> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && out.len() < 2000 {
+                let (code, body) = http(port, "/primary");
+                let app = cluster().nodes[i].app.mode();
+                out.push(Sample {
+                    ms: t0.elapsed().as_millis(),
+                    code,
+                    body: body.trim().to_string(),
+                    app,
+                });
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            out
+        })
+    };
+    during();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap()
+}
+
+/// What a load balancer is told follows the application, not only the
+/// record: /primary is 200 only while the node is the primary AND its
+/// application serves writable; during a cycle it turns 503 (naming the
+/// step) before the service stops and 200 again once it serves; a hung
+/// status command is 503 within the probe's deadline; after a promote the
+/// new primary's /primary is 200 only once its application accepts writes.
 #[test]
-fn the_health_endpoint_flips_with_the_role() {
-    let mut s = crate::setup::Setup::exclusive("roles-health");
-    s.engine = None;
-    let cfg = s.write();
+fn the_health_endpoint_follows_the_application() {
+    let db = "okmdb_health";
+    let (s, cfg, _apps) = roles_setup("roles-health", db);
     let c = cluster();
-    let _apps = AppsStopped;
-    let ports = [
-        crate::harness::free_port("127.0.0.1"),
-        crate::harness::free_port("127.0.0.1"),
-    ];
-    let servers: Vec<_> = ["okm1", "okm2"]
+    let cache = ["--probe-cache", "100ms", "--probe-timeout", "1s"];
+    let (mut h1, p1) = health_server(&cfg, "okm1", &cache);
+    let (mut h2, p2) = health_server(&cfg, "okm2", &cache);
+    assert_eq!((code(p1, "/primary"), code(p2, "/primary")), (200, 503));
+    assert_eq!((code(p1, "/standby"), code(p2, "/standby")), (503, 200));
+    assert_eq!(code(p2, "/nothing"), 404);
+    let (hc, health) = http(p2, "/health");
+    assert_eq!(hc, 200, "{health}");
+    let v: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(v["role"], "standby", "{v}");
+    assert_eq!(v["application"]["writable"], false, "{v}");
+    assert_eq!(v["serving"], true, "{v}");
+
+    // A cycle, watched as HAProxy would (every 50 ms) beside the application.
+    let samples = watch(p1, 0, || {
+        hasync().config(&cfg).args(["sync"]).run().code(0);
+    });
+    let table: String = samples
         .iter()
-        .zip(ports)
-        .map(|(n, p)| {
-            hasync()
-                .config(&cfg)
-                .args([
-                    "health-server",
-                    "--listen",
-                    &format!("127.0.0.1:{p}"),
-                    "--node",
-                    n,
-                ])
-                .spawn()
+        .map(|x| {
+            format!(
+                "{:>6} ms  /primary {}  app {:<10} {}\n",
+                x.ms,
+                x.code,
+                x.app.as_deref().unwrap_or("DOWN"),
+                x.body
+            )
         })
         .collect();
-    crate::db::wait_until(
-        "the health servers",
-        std::time::Duration::from_secs(10),
-        || {
-            ports
-                .iter()
-                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
-        },
+    eprintln!("one cycle through the health endpoint:\n{table}");
+    let down: Vec<usize> = (0..samples.len())
+        .filter(|&k| samples[k].app.is_none())
+        .collect();
+    assert!(
+        !down.is_empty(),
+        "the application was never seen down:\n{table}"
     );
-    assert_eq!(
-        (http(ports[0], "/primary"), http(ports[1], "/primary")),
-        (200, 503)
+    for &k in &down {
+        assert_eq!(
+            samples[k].code, 503,
+            "200 while the application was down:\n{table}"
+        );
+    }
+    assert!(
+        samples
+            .iter()
+            .any(|x| x.code == 503 && x.body.contains("cycle: quiesce")
+                || x.body.contains("cycle: final file pass")),
+        "no 503 named the cycle's step:\n{table}"
     );
-    assert_eq!(
-        (http(ports[0], "/standby"), http(ports[1], "/standby")),
-        (503, 200)
+    // 200 again within one interval (and the probe's cache) of serving.
+    let back = down.last().unwrap() + 1;
+    assert!(
+        back < samples.len(),
+        "the application did not come back:\n{table}"
     );
-    assert_eq!(http(ports[1], "/health"), 200);
-    assert_eq!(http(ports[1], "/nothing"), 404);
+    let ok_at = samples[back..]
+        .iter()
+        .find(|x| x.code == 200)
+        .unwrap_or_else(|| panic!("/primary never came back to 200:\n{table}"));
+    assert!(
+        ok_at.ms - samples[back].ms <= 1000,
+        "/primary came back {} ms after the application served:\n{table}",
+        ok_at.ms - samples[back].ms
+    );
+    assert_eq!(code(p1, "/primary"), 200);
 
-    c.nodes[0].app.start();
+    // A status command that hangs: 503 within the probe's deadline.
+    let hung = s.dir.join("hung-status.toml");
+    std::fs::write(
+        &hung,
+        std::fs::read_to_string(&cfg).unwrap().replacen(
+            &c.nodes[0].app.status_cmd(),
+            "sleep 60",
+            1,
+        ),
+    )
+    .unwrap();
+    let (mut h3, p3) = health_server(&hung, "okm1", &cache);
+    let t = std::time::Instant::now();
+    let (hung_code, hung_body) = http(p3, "/primary");
+    assert_eq!(hung_code, 503, "{hung_body}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(hung_body.contains("did not answer within"), "{hung_body}");
+    let _ = h3.child.kill();
+    let _ = h3.child.wait();
+
+    // Down outside a cycle: check is CRITICAL, status says so.
+    c.nodes[0].app.stop();
     hasync()
         .config(&cfg)
-        .args(["promote", "okm2", "--force"])
+        .args(["check"])
         .run()
-        .code(0);
+        .code(2)
+        .stdout_has("okm1: the primary's application is DOWN");
+    assert_eq!(code(p1, "/primary"), 503);
+    c.nodes[0].app.start();
+
+    // A promote, watched on the new primary: never 200 while its
+    // application is read-only.
+    let samples = watch(p2, 1, || {
+        hasync()
+            .config(&cfg)
+            .args(["promote", "okm2", "--force"])
+            .run()
+            .code(0);
+    });
+    let table: String = samples
+        .iter()
+        .map(|x| {
+            format!(
+                "{:>6} ms  /primary {}  app {:<10} {}\n",
+                x.ms,
+                x.code,
+                x.app.as_deref().unwrap_or("DOWN"),
+                x.body
+            )
+        })
+        .collect();
+    eprintln!("a promote through the health endpoint:\n{table}");
+    for x in &samples {
+        if x.code == 200 {
+            assert_eq!(
+                x.app.as_deref(),
+                Some("writable"),
+                "200 while not writable:\n{table}"
+            );
+        }
+    }
+    assert_eq!(samples.last().unwrap().code, 200, "{table}");
+    assert_eq!((code(p1, "/primary"), code(p2, "/primary")), (503, 200));
     assert_eq!(
-        (http(ports[0], "/primary"), http(ports[1], "/primary")),
-        (503, 200)
-    );
-    assert_eq!(
-        http(ports[0], "/standby"),
+        code(p1, "/standby"),
         503,
         "a fenced node is no standby either"
     );
-    for mut srv in servers {
+    assert_eq!(c.nodes[1].app.try_write(), Some(201));
+    for srv in [&mut h1, &mut h2] {
         let _ = srv.child.kill();
         let _ = srv.child.wait();
     }
+    crate::db::drop_dbs(Engine::Mysql, 0, db);
+    crate::db::drop_dbs(Engine::Mysql, 1, db);
 }
 
 /// A planned switchover there and back (okm1 -> okm2 -> okm1): each one
@@ -399,6 +595,7 @@ fn switchover_there_and_back_keeps_every_document() {
     assert_eq!(readonly_flag(1, db), "false", "the new primary is writable");
     assert_eq!(readonly_flag(0, db), "true", "the old primary is read-only");
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
+    assert_modes(["read-only", "writable"]);
     crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
     let history = record(&s, 1)["history"].to_string();
     assert!(history.contains("switchover from okm1"), "{history}");
@@ -434,6 +631,7 @@ fn switchover_there_and_back_keeps_every_document() {
     assert!(c.nodes[0].app.is_running() && c.nodes[1].app.is_running());
     assert_eq!(readonly_flag(1, db), "false", "okm2 is still writable");
     assert_eq!(readonly_flag(0, db), "true", "okm1 is read-only again");
+    assert_modes(["read-only", "writable"]);
 
     // And back: okm1 is the primary again, at epoch 3, with every document.
     app_writes(&s, 1, db, 4);
@@ -442,6 +640,7 @@ fn switchover_there_and_back_keeps_every_document() {
     assert_eq!(role_of(&s, 1), ("standby".into(), 3));
     assert_eq!(readonly_flag(0, db), "false");
     assert_eq!(readonly_flag(1, db), "true");
+    assert_modes(["writable", "read-only"]);
     crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
     assert_eq!(doc_ids(0, db), "1,2,3,4");
     for id in 2..=4 {

@@ -33,6 +33,13 @@ pub struct Setup {
     /// `[database] name` (default `okmdb`) and `readonly_sql`.
     pub db_name: String,
     pub readonly_sql: Vec<String>,
+    /// `health_url` of both services: the fake application's HTTP root
+    /// (default on, as a Tomcat's would be configured).
+    pub health_url: bool,
+    /// `writable_check` of both services: ask the running application its
+    /// mode (`app.py writable`). Off by default: an application without a
+    /// configured database always runs writable.
+    pub writable_check: bool,
     _guard: Guard,
 }
 
@@ -74,6 +81,8 @@ impl Setup {
             ssh_client: None,
             db_name: "okmdb".into(),
             readonly_sql: Vec::new(),
+            health_url: true,
+            writable_check: false,
             _guard: guard,
         }
     }
@@ -101,7 +110,7 @@ stop = "{stop}"
 start = "{start}"
 status = "{status}"
 timeout = "30s"
-"#,
+{checks}"#,
                 name = n.name,
                 ip = n.ip,
                 port = self.ports[i],
@@ -118,6 +127,19 @@ timeout = "30s"
                 stop = n.app.stop_cmd(),
                 start = n.app.start_cmd(),
                 status = n.app.status_cmd(),
+                checks = format!(
+                    "{}{}",
+                    if self.health_url {
+                        format!("health_url = {:?}\n", n.app.url())
+                    } else {
+                        String::new()
+                    },
+                    if self.writable_check {
+                        format!("writable_check = {:?}\n", n.app.writable_cmd())
+                    } else {
+                        String::new()
+                    }
+                ),
             ));
             if let Some(engine) = self.engine {
                 let port = if engine == "mysql" {

@@ -199,7 +199,7 @@ impl Cluster {
         for ((name, ip, dir), (sshd, maria, pg)) in node_dirs.into_iter().zip(started) {
             match (sshd, maria, pg) {
                 (Ok(sshd), Ok(mariadb), Ok(postgres)) => {
-                    let app = FakeApp::setup(&dir.join("app"), name);
+                    let app = FakeApp::setup(&dir.join("app"), name, ip, &db_password_file);
                     nodes.push(Node {
                         name: name.to_string(),
                         ip: ip.to_string(),
