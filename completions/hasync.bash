@@ -233,7 +233,7 @@ _hasync() {
             return 0
             ;;
         hasync__subcmd__health__subcmd__server)
-            opts="-c -v -q -h --listen --node --config --verbose --quiet --json --no-progress --help"
+            opts="-c -v -q -h --listen --node --probe-cache --probe-timeout --config --verbose --quiet --json --no-progress --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -244,6 +244,14 @@ _hasync() {
                     return 0
                     ;;
                 --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-cache)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -110,6 +110,8 @@ complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -l no-progress -d 
 complete -c hasync -n "__fish_hasync_using_subcommand rejoin" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l listen -d 'Address and port to listen on' -r
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l node -d 'The node this runs on (default: the one with address = "local")' -r
+complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l probe-cache -d 'How long an answer about the application is reused, so that a check every few hundred ms does not run the probes each time' -r
+complete -c hasync -n "__fish_hasync_using_subcommand health-server" -l probe-timeout -d 'How long the probes (status, health_url, writable_check) may take together; a probe that has not answered by then counts as down' -r
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s c -l config -d 'The configuration file' -r -F
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s v -l verbose -d 'More detail on stderr (repeat for more)'
 complete -c hasync -n "__fish_hasync_using_subcommand health-server" -s q -l quiet -d 'Less on stderr: only warnings and errors (repeat for errors only)'

@@ -323,6 +323,22 @@ fn every_template_parses() {
                     .filter(|l| l.trim_start().starts_with("server ") && l.contains(" check port "))
                     .count();
                 assert!(servers >= 2, "templates/{name}: a checked server per node");
+                assert!(
+                    text.lines().any(|l| l.trim_start().starts_with("server ") && l.ends_with(" backup")),
+                    "templates/{name}: a backup server (the maintenance page)"
+                );
+                // HAProxy itself reads it (.ci/run installs haproxy).
+                let check = std::process::Command::new("haproxy")
+                    .args(["-c", "-f"])
+                    .arg(&path)
+                    .output()
+                    .expect("haproxy is not installed (.ci/run installs it)");
+                let said = String::from_utf8_lossy(&check.stderr).into_owned()
+                    + &String::from_utf8_lossy(&check.stdout);
+                assert!(
+                    check.status.success() && !said.contains("WARNING"),
+                    "templates/{name}: haproxy -c says:\n{said}"
+                );
             }
             _ => panic!("templates/{name}: no test parses this kind of template; add one here"),
         }
