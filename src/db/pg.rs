@@ -167,10 +167,10 @@ fn plain_identifier(name: &str) -> bool {
 /// Which tables a second loader takes, for a load in two streams: the
 /// largest base tables, greedily, until they hold about half of the table
 /// data (the first stream keeps the schema, every other table's rows, and
-/// the indexes and constraints, built after both). `None` when a second
-/// stream would not pay (less than `min_bytes` of table data, a single
-/// table) or cannot be expressed exactly (a table name that would need
-/// quoting in a pg_dump pattern).
+/// the indexes and constraints, built after both). A table whose name
+/// would need quoting in a pg_dump pattern is never taken (it loads on the
+/// first stream). `None` when a second stream would not pay (less than
+/// `min_bytes` of table data, a single table) or could take no table.
 pub fn second_stream_tables(
     client: &mut Client,
     min_bytes: u64,
@@ -204,8 +204,17 @@ fn split_by_size(tables: &[(TableName, u64)], min_bytes: u64) -> Option<Vec<Tabl
     if tables.len() < 2 || total < min_bytes {
         return None;
     }
-    let (mut side, mut side_bytes, mut rest_bytes) = (Vec::new(), 0u64, 0u64);
-    for (t, size) in tables {
+    // A table whose name a pattern cannot match exactly stays on the
+    // first stream (it is never named there: that one excludes the
+    // second's tables), whatever its size.
+    let nameable = |t: &TableName| plain_identifier(&t.schema) && plain_identifier(&t.name);
+    let mut rest_bytes: u64 = tables
+        .iter()
+        .filter(|(t, _)| !nameable(t))
+        .map(|(_, s)| s)
+        .sum();
+    let (mut side, mut side_bytes) = (Vec::new(), 0u64);
+    for (t, size) in tables.iter().filter(|(t, _)| nameable(t)) {
         if side_bytes <= rest_bytes {
             side.push(t.clone());
             side_bytes += size;
@@ -213,9 +222,7 @@ fn split_by_size(tables: &[(TableName, u64)], min_bytes: u64) -> Option<Vec<Tabl
             rest_bytes += size;
         }
     }
-    side.iter()
-        .all(|t| plain_identifier(&t.schema) && plain_identifier(&t.name))
-        .then_some(side)
+    (!side.is_empty()).then_some(side)
 }
 
 fn q(client: &mut Client, sql: &str) -> Result<Vec<::postgres::Row>, DbError> {
@@ -588,9 +595,22 @@ mod tests {
         );
         assert_eq!(split_by_size(&tables, 1000), None, "too little data");
         assert_eq!(split_by_size(&tables[..1], 0), None, "one table");
+        // A name that needs quoting stays on the first stream.
         let mut quoted = tables.clone();
         quoted[0].0 = t("public", "Docs");
-        assert_eq!(split_by_size(&quoted, 0), None, "needs quoting");
+        assert_eq!(
+            split_by_size(&quoted, 0),
+            Some(vec![
+                t("public", "activity"),
+                t("public", "versions"),
+                t("public", "config")
+            ])
+        );
+        let mut all_quoted = tables.clone();
+        for (i, (table, _)) in all_quoted.iter_mut().enumerate() {
+            *table = t("médiathèque", &format!("t{i}"));
+        }
+        assert_eq!(split_by_size(&all_quoted, 0), None, "none can be named");
         // Only the second stream's tables are named in patterns.
         let mut other = tables.clone();
         other[1].0 = t("public", "Activity Log");

@@ -847,10 +847,38 @@ fn full_round_trip(e: Engine) {
         "café_données",
         "名前",
         "PARTITION",
-    ] {
+    ]
+    .into_iter()
+    .chain(match e {
+        Engine::Mysql => [
+            "geometry",
+            "SPATIAL KEY",
+            "FULLTEXT KEY",
+            "year(4)",
+            "DEFINER",
+            "SQL SECURITY INVOKER",
+        ],
+        Engine::Postgres => [
+            "MATERIALIZED VIEW",
+            "CREATE AGGREGATE",
+            "tsvector",
+            "SECURITY DEFINER",
+            "PARTITION BY HASH",
+            "\"médiathèque\".\"évaluation\"",
+        ],
+    }) {
         assert!(
             primary.contains(needle),
             "the fixture lacks {needle}: the comparison would prove little"
+        );
+    }
+    if e == Engine::Postgres {
+        // Populated and not, as on the primary (the dumps say so only by
+        // a REFRESH line that is there or not).
+        let states = "SELECT string_agg(matviewname || '=' || ispopulated, ' ' ORDER BY matviewname) FROM pg_matviews";
+        assert_eq!(
+            admin(e, 1, &db, states).trim(),
+            "okm_mv_mime_stats=true rental_by_rating=false sales_by_film=true"
         );
     }
     assert_same_dump(&primary, &dump_text(e, 1, &db), "first run");
