@@ -349,6 +349,12 @@ fn render_db_plan(plan: &DbPlan) -> String {
             .join(", "),
         human_bytes(plan.estimated_bytes)
     );
+    if !plan.unpopulated.is_empty() {
+        s += &format!(
+            "materialized views not populated: {} (copied as they are, unpopulated; no rows to count)\n",
+            plan.unpopulated.join(", ")
+        );
+    }
     s += "would run:\n";
     for (node, step) in &plan.steps {
         s += &format!("  [{node}] {step}\n");

@@ -45,6 +45,17 @@ pub struct Catalog {
     /// PostgreSQL sequence positions (`None`: never used). Sequences are not
     /// transactional, so a copy may be ahead of the snapshot, never behind.
     pub sequences: std::collections::BTreeMap<String, Option<i64>>,
+    /// PostgreSQL materialized views that are not populated (created `WITH
+    /// NO DATA` and never refreshed, or refreshed `WITH NO DATA`): copied
+    /// as they are, not counted (a count of one is an error), and they must
+    /// be unpopulated in the copy too.
+    pub unpopulated: BTreeSet<String>,
+    /// Populated materialized views that read (directly or through views
+    /// and other materialized views) an unpopulated one, with the first
+    /// such one. pg_dump does not refresh them, so their copy is
+    /// unpopulated: the one difference a copy may show (see
+    /// [`replicate`]'s verification).
+    pub reads_unpopulated: std::collections::BTreeMap<String, String>,
 }
 
 /// "missing on the mirror: view v1, trigger t on x; only on the mirror: ..."

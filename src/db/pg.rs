@@ -167,10 +167,10 @@ fn plain_identifier(name: &str) -> bool {
 /// Which tables a second loader takes, for a load in two streams: the
 /// largest base tables, greedily, until they hold about half of the table
 /// data (the first stream keeps the schema, every other table's rows, and
-/// the indexes and constraints, built after both). `None` when a second
-/// stream would not pay (less than `min_bytes` of table data, a single
-/// table) or cannot be expressed exactly (a table name that would need
-/// quoting in a pg_dump pattern).
+/// the indexes and constraints, built after both). A table whose name
+/// would need quoting in a pg_dump pattern is never taken (it loads on the
+/// first stream). `None` when a second stream would not pay (less than
+/// `min_bytes` of table data, a single table) or could take no table.
 pub fn second_stream_tables(
     client: &mut Client,
     min_bytes: u64,
@@ -204,8 +204,17 @@ fn split_by_size(tables: &[(TableName, u64)], min_bytes: u64) -> Option<Vec<Tabl
     if tables.len() < 2 || total < min_bytes {
         return None;
     }
-    let (mut side, mut side_bytes, mut rest_bytes) = (Vec::new(), 0u64, 0u64);
-    for (t, size) in tables {
+    // A table whose name a pattern cannot match exactly stays on the
+    // first stream (it is never named there: that one excludes the
+    // second's tables), whatever its size.
+    let nameable = |t: &TableName| plain_identifier(&t.schema) && plain_identifier(&t.name);
+    let mut rest_bytes: u64 = tables
+        .iter()
+        .filter(|(t, _)| !nameable(t))
+        .map(|(_, s)| s)
+        .sum();
+    let (mut side, mut side_bytes) = (Vec::new(), 0u64);
+    for (t, size) in tables.iter().filter(|(t, _)| nameable(t)) {
         if side_bytes <= rest_bytes {
             side.push(t.clone());
             side_bytes += size;
@@ -213,9 +222,7 @@ fn split_by_size(tables: &[(TableName, u64)], min_bytes: u64) -> Option<Vec<Tabl
             rest_bytes += size;
         }
     }
-    side.iter()
-        .all(|t| plain_identifier(&t.schema) && plain_identifier(&t.name))
-        .then_some(side)
+    (!side.is_empty()).then_some(side)
 }
 
 fn q(client: &mut Client, sql: &str) -> Result<Vec<::postgres::Row>, DbError> {
@@ -249,17 +256,19 @@ pub fn import_snapshot(client: &mut Client, snapshot: &str) -> Result<(), DbErro
 const USER_NAMESPACES: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
 
-/// Everything in the current database that a dump carries, and the tables
-/// (and materialized views) whose rows are counted.
+/// Everything in the current database that a dump carries, the tables
+/// (and populated materialized views) whose rows are counted, and the
+/// materialized views that are not populated (a count of one would fail).
 pub fn catalog(client: &mut Client) -> Result<Catalog, DbError> {
     let mut cat = Catalog::default();
     let sql = format!(
-        "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c \
+        "SELECT n.nspname, c.relname, c.relkind::text, c.relispopulated FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_NAMESPACES}"
     );
     for row in q(client, &sql)? {
         let (schema, name, kind): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let populated: bool = row.get(3);
         let label = match kind.as_str() {
             "r" => "table",
             "p" => "partitioned table",
@@ -268,7 +277,9 @@ pub fn catalog(client: &mut Client) -> Result<Catalog, DbError> {
             "S" => "sequence",
             _ => "foreign table",
         };
-        if kind == "r" || kind == "m" {
+        if kind == "m" && !populated {
+            cat.unpopulated.insert(format!("{schema}.{name}"));
+        } else if kind == "r" || kind == "m" {
             cat.tables.push(TableName {
                 schema: schema.clone(),
                 name: name.clone(),
@@ -323,6 +334,9 @@ pub fn catalog(client: &mut Client) -> Result<Catalog, DbError> {
         cat.objects
             .insert((label.into(), format!("{schema}.{name}")));
     }
+    if !cat.unpopulated.is_empty() {
+        cat.reads_unpopulated = reads_unpopulated(client)?;
+    }
     // Sequence positions are part of the data: a mirror whose sequences lag
     // would hand out ids the primary already used.
     for row in q(
@@ -336,30 +350,54 @@ pub fn catalog(client: &mut Client) -> Result<Catalog, DbError> {
     Ok(cat)
 }
 
+/// The populated materialized views that read an unpopulated one, each
+/// with the first (by name) it reads: through the rules of the views and
+/// materialized views in between, as far as they go. pg_dump leaves such a
+/// view unrefreshed (its REFRESH would fail on the load), so its copy is
+/// unpopulated.
+fn reads_unpopulated(client: &mut Client) -> Result<BTreeMap<String, String>, DbError> {
+    // (view, relation its rule reads), followed through views and
+    // materialized views to the unpopulated materialized views.
+    let sql = "WITH RECURSIVE reads(mv, rel) AS ( \
+           SELECT r.ev_class, d.refobjid FROM pg_rewrite r \
+           JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+             AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class \
+           JOIN pg_class c ON c.oid = r.ev_class AND c.relkind = 'm' AND c.relispopulated \
+         UNION \
+           SELECT reads.mv, d.refobjid FROM reads \
+           JOIN pg_class via ON via.oid = reads.rel AND via.relkind IN ('v', 'm') \
+           JOIN pg_rewrite r ON r.ev_class = via.oid \
+           JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+             AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class) \
+         SELECT mn.nspname || '.' || m.relname, min(un.nspname || '.' || u.relname) FROM reads \
+         JOIN pg_class m ON m.oid = reads.mv JOIN pg_namespace mn ON mn.oid = m.relnamespace \
+         JOIN pg_class u ON u.oid = reads.rel AND u.relkind = 'm' AND NOT u.relispopulated \
+         JOIN pg_namespace un ON un.oid = u.relnamespace GROUP BY 1";
+    Ok(q(client, sql)?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 /// Exact row counts of `tables` (a table's own rows, as COPY dumps them).
+/// The first failure is the error: in a transaction, every statement after
+/// it would only say the transaction is aborted.
 pub fn counts(
     client: &mut Client,
     tables: &[TableName],
 ) -> Result<BTreeMap<TableName, u64>, DbError> {
     let mut out = BTreeMap::new();
     for t in tables {
-        let sql = format!(
-            "SELECT count(*) FROM ONLY {}.{}",
-            ident(&t.schema),
-            ident(&t.name)
-        );
-        // ONLY is refused for materialized views on some versions: retry plainly.
-        let rows = match client.query(&sql, &[]) {
-            Ok(r) => r,
-            Err(_) => q(
-                client,
-                &format!(
-                    "SELECT count(*) FROM {}.{}",
-                    ident(&t.schema),
-                    ident(&t.name)
-                ),
-            )?,
-        };
+        // (ONLY: a partitioned table's rows are its partitions'; for a
+        // materialized view it changes nothing.)
+        let rows = q(
+            client,
+            &format!(
+                "SELECT count(*) FROM ONLY {}.{}",
+                ident(&t.schema),
+                ident(&t.name)
+            ),
+        )?;
         let n: i64 = rows[0].get(0);
         out.insert(t.clone(), n as u64);
     }
@@ -557,9 +595,22 @@ mod tests {
         );
         assert_eq!(split_by_size(&tables, 1000), None, "too little data");
         assert_eq!(split_by_size(&tables[..1], 0), None, "one table");
+        // A name that needs quoting stays on the first stream.
         let mut quoted = tables.clone();
         quoted[0].0 = t("public", "Docs");
-        assert_eq!(split_by_size(&quoted, 0), None, "needs quoting");
+        assert_eq!(
+            split_by_size(&quoted, 0),
+            Some(vec![
+                t("public", "activity"),
+                t("public", "versions"),
+                t("public", "config")
+            ])
+        );
+        let mut all_quoted = tables.clone();
+        for (i, (table, _)) in all_quoted.iter_mut().enumerate() {
+            *table = t("médiathèque", &format!("t{i}"));
+        }
+        assert_eq!(split_by_size(&all_quoted, 0), None, "none can be named");
         // Only the second stream's tables are named in patterns.
         let mut other = tables.clone();
         other[1].0 = t("public", "Activity Log");

@@ -14,7 +14,8 @@
 //!    (tables, views, routines, triggers, events, types, ...) and exactly the
 //!    rows of the dump's snapshot, table by table. PostgreSQL's rows are also
 //!    counted on the primary itself, inside the exported snapshot pg_dump
-//!    reads.
+//!    reads. A materialized view that is not populated has no rows to
+//!    count: it must be unpopulated in staging too ([`verify_matviews`]).
 //! 3. **Read-only.** `readonly_sql` runs in the staging database and is
 //!    checked (see [`check_statement`]), so the copy that becomes live is
 //!    read-only from its first moment, and a failing statement stops the
@@ -135,6 +136,9 @@ pub struct DbPlan {
     pub tables: Vec<(String, u64, u64)>,
     /// Objects by kind.
     pub objects: BTreeMap<String, usize>,
+    /// PostgreSQL materialized views that are not populated: copied as
+    /// they are, not counted.
+    pub unpopulated: Vec<String>,
     /// The table data size, a rough guide to the dump's size.
     pub estimated_bytes: u64,
     /// (node, what would run there), in order.
@@ -1064,6 +1068,52 @@ fn verify_objects(primary: &Catalog, staging: &Catalog, node: &str) -> Result<()
     Ok(())
 }
 
+/// The copy's materialized views are populated as the primary's are: an
+/// unpopulated one (nothing to count) must be unpopulated in staging too,
+/// a populated one populated, so its rows can be counted. One exception,
+/// pg_dump's own: it does not refresh a view that reads an unpopulated one
+/// (the REFRESH would fail on the load), so such a view's copy is
+/// unpopulated; that is a warning, and the view is not counted. Returns
+/// the warnings and the views not to count on the primary.
+fn verify_matviews(
+    primary: &Catalog,
+    staging: &Catalog,
+    node: &str,
+) -> Result<(Vec<String>, Vec<String>), StepError> {
+    let differs = |detail: String| {
+        fail(
+            "verify",
+            node,
+            format!("{detail}; the live database was not touched"),
+        )
+    };
+    if let Some(v) = primary.unpopulated.difference(&staging.unpopulated).next() {
+        return Err(differs(format!(
+            "materialized view {v} is not populated on the primary but populated in staging"
+        )));
+    }
+    let (mut warnings, mut uncounted) = (Vec::new(), Vec::new());
+    for v in staging.unpopulated.difference(&primary.unpopulated) {
+        match primary.reads_unpopulated.get(v) {
+            Some(source) => {
+                warnings.push(format!(
+                    "materialized view {v} is populated on the primary, but its copy on {node} is not: \
+                     it reads {source}, which is not populated, and pg_dump does not refresh such a view; \
+                     run REFRESH MATERIALIZED VIEW {source} on the primary (then {v} is copied populated), \
+                     or refresh both on the mirror after a promotion"
+                ));
+                uncounted.push(v.clone());
+            }
+            None => {
+                return Err(differs(format!(
+                    "materialized view {v} is populated on the primary but not in staging"
+                )))
+            }
+        }
+    }
+    Ok((warnings, uncounted))
+}
+
 /// Every table of the primary had its data in the dump: mysqldump announces
 /// each table's rows with a comment (recorded by the counter, with 0 rows
 /// for an empty table), so a table the dump skipped would otherwise look
@@ -1414,13 +1464,16 @@ fn replicate_pg_staged(
 
         let t = Instant::now();
         progress.phase("verify");
-        let pcounts = counting
+        let mut pcounts = counting
             .join()
             .expect("count thread panicked")
             .map_err(|e| fail("verify", src.name(), e))?;
         let mut ms = dst.pg(&staging)?;
         let scat = pg::catalog(&mut ms).map_err(|e| fail("verify", dst.name(), e))?;
         verify_objects(pcat, &scat, dst.name())?;
+        let (warnings, uncounted) = verify_matviews(pcat, &scat, dst.name())?;
+        out.warnings.extend(warnings);
+        pcounts.retain(|t, _| !uncounted.contains(&t.to_string()));
         // Counted during the load's last section, or now (materialized
         // views, filled by that section, always now).
         let mut scounts = match early_counts.take() {
@@ -1744,6 +1797,7 @@ pub fn plan(primary: &Node, mirror: &Node) -> Result<DbPlan, StepError> {
         previous,
         mirror_database_exists: exists,
         estimated_bytes: tables.iter().map(|t| t.2).sum(),
+        unpopulated: cat.unpopulated.iter().cloned().collect(),
         tables,
         objects,
         steps,
@@ -1841,6 +1895,39 @@ mod tests {
             .to_string();
         assert!(e.contains("missing after the load: view public.v"), "{e}");
         assert!(e.contains("not on the primary: function public.f()"), "{e}");
+    }
+
+    #[test]
+    fn matviews_must_be_populated_as_on_the_primary() {
+        let mut primary = Catalog::default();
+        primary.unpopulated.insert("public.a".into());
+        let mut staging = primary.clone();
+        assert_eq!(
+            verify_matviews(&primary, &staging, "okm2").unwrap(),
+            (vec![], vec![])
+        );
+        staging.unpopulated.clear();
+        let e = verify_matviews(&primary, &staging, "okm2").unwrap_err();
+        assert!(
+            e.detail
+                .contains("public.a is not populated on the primary but populated in staging"),
+            "{e}"
+        );
+        staging = primary.clone();
+        staging.unpopulated.insert("public.b".into());
+        let e = verify_matviews(&primary, &staging, "okm2").unwrap_err();
+        assert!(
+            e.detail
+                .contains("public.b is populated on the primary but not in staging"),
+            "{e}"
+        );
+        // pg_dump's own: b reads a, so it is not refreshed.
+        primary
+            .reads_unpopulated
+            .insert("public.b".into(), "public.a".into());
+        let (warnings, uncounted) = verify_matviews(&primary, &staging, "okm2").unwrap();
+        assert_eq!(uncounted, vec!["public.b".to_string()]);
+        assert!(warnings[0].contains("it reads public.a"), "{warnings:?}");
     }
 
     #[test]
