@@ -191,8 +191,9 @@ pub fn bar_line(text: &str) -> Option<BarLine> {
     let words: Vec<&str> = text[close + 1..].split_whitespace().collect();
     // "12.50" "MiB/40.00" "MiB": the bytes pair.
     let at = words.iter().position(|w| {
-        w.split_once('/')
-            .is_some_and(|(u, rest)| parse_size("0", u).is_some() && !rest.is_empty() && rest != "s")
+        w.split_once('/').is_some_and(|(u, rest)| {
+            parse_size("0", u).is_some() && !rest.is_empty() && rest != "s"
+        })
     })?;
     let (unit, total_num) = words[at].split_once('/')?;
     let bytes = parse_size(words.get(at.checked_sub(1)?)?, unit)?;
@@ -328,4 +329,149 @@ fn the_transfer_bar_ticks_on_a_terminal() {
         "no bar named the current file on a 200-column terminal:{dump}"
     );
     crate::sync::assert_same_tree(&s.roots[0], &s.roots[1]);
+}
+
+/// Services in `cfg` that take 2 s to stop and to start, as a Tomcat does.
+fn slow_services(cfg: &Path) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let mut slow = String::new();
+    for line in text.lines() {
+        match line.split_once(" = \"") {
+            Some(("stop" | "start", cmd)) => {
+                let key = line.split_once(' ').unwrap().0;
+                slow += &format!("{key} = \"sleep 2 && {cmd}\n");
+            }
+            _ => slow += &format!("{line}\n"),
+        }
+    }
+    std::fs::write(cfg, slow).unwrap();
+}
+
+/// Whether the lines drawn with `needle` moved: at least `n` different
+/// frames (a spinner turning, the elapsed time or a count changing),
+/// drawn over at least `secs` seconds. Returns what was seen otherwise.
+fn moved(drawn: &[Drawn], needle: &str, n: usize, secs: f64) -> Result<(), String> {
+    let mut frames: Vec<&Drawn> = drawn.iter().filter(|d| d.text.contains(needle)).collect();
+    frames.dedup_by(|a, b| a.text == b.text);
+    let span = match (frames.first(), frames.last()) {
+        (Some(a), Some(b)) => b.at - a.at,
+        _ => 0.0,
+    };
+    if frames.len() >= n && span >= secs {
+        Ok(())
+    } else {
+        Err(format!(
+            "{needle:?}: {} distinct frames over {span:.1} s (wanted {n} over {secs} s)",
+            frames.len()
+        ))
+    }
+}
+
+/// The seconds a spinner line shows (`[00:00:03]`).
+fn elapsed_of(text: &str) -> Option<u64> {
+    let open = text.find('[')?;
+    let close = open + text[open..].find(']')?;
+    let hms: Vec<u64> = text[open + 1..close]
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, s] = hms[..] else { return None };
+    Some(h * 3600 + m * 60 + s)
+}
+
+#[test]
+fn every_slow_phase_of_a_cycle_shows_something_moving() {
+    use crate::db::{drop_dbs, Engine};
+    let db = "okmdb_progress";
+    // A table big enough for a dump of some seconds.
+    let s = crate::cycle::engine_cycle_setup(Engine::Mysql, "progress-cycle", db, 150_000);
+    tree(&s.roots[0], 24, 256 * 1024);
+    let cfg = slow_config(&s, "0.025");
+    slow_services(&cfg);
+    let _apps = crate::cycle::AppsStopped::start_both();
+    let c = cfg.display().to_string();
+    let run = run_in_pty(&["-c", &c, "sync"], &[], 200, Duration::from_secs(300));
+    let dump = run.dump();
+    assert_eq!(run.code, 0, "the cycle failed:{dump}");
+    if std::env::var_os("HASYNC_IT_SHOW").is_some() {
+        eprintln!("{dump}");
+    }
+    let drawn = run.drawn();
+    let mut problems = Vec::new();
+    // The scan spinner, the bar of the warm pass (the final one has little
+    // to do), each service wait, the database phase.
+    for (needle, n, secs) in [
+        ("scanning", 1, 0.0),
+        ("ETA", 4, 2.0),
+        ("stopping the service", 4, 1.5),
+        ("starting the service", 4, 1.5),
+        ("database:", 3, 0.5),
+    ] {
+        if let Err(e) = moved(&drawn, needle, n, secs) {
+            problems.push(e);
+        }
+    }
+    // A wait says what it waits for, and its elapsed time counts up.
+    for needle in ["stopping the service", "starting the service"] {
+        let mut secs: Vec<u64> = drawn
+            .iter()
+            .filter(|d| d.text.contains(needle))
+            .filter_map(|d| elapsed_of(&d.text))
+            .collect();
+        secs.dedup();
+        if secs.len() < 2 {
+            problems.push(format!(
+                "{needle:?}: the elapsed time did not advance: {secs:?}"
+            ));
+        }
+    }
+    if !drawn
+        .iter()
+        .any(|d| d.text.contains("stopping the service") && d.text.contains("app.sh status"))
+    {
+        problems.push("the stop spinner does not name the status command it waits on".into());
+    }
+    assert!(problems.is_empty(), "{}:{dump}", problems.join("\n"));
+    // The log lines stay readable: none was drawn into a display's line.
+    for line in [
+        "BEGIN quiesce",
+        "okm2: service stopped",
+        "END database",
+        "cycle ok",
+    ] {
+        assert!(
+            drawn
+                .iter()
+                .any(|d| d.text.contains(line) && elapsed_of(&d.text).is_none()),
+            "no clean line with {line:?}:{dump}"
+        );
+    }
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
+}
+
+#[test]
+fn without_a_terminal_waits_and_the_database_are_logged_in_lines() {
+    use crate::db::{drop_dbs, Engine};
+    let db = "okmdb_progress_lines";
+    let s = crate::cycle::engine_cycle_setup(Engine::Mysql, "progress-lines", db, 100_000);
+    let cfg = s.write();
+    slow_services(&cfg);
+    let _apps = crate::cycle::AppsStopped::start_both();
+    let r = crate::cmd::hasync()
+        .config(&cfg)
+        .env("HASYNC_PROGRESS_EVERY", "500ms")
+        .args(["sync"])
+        .run();
+    r.code(0)
+        .stderr_has("okm2: still stopping the service: `sleep 2 && ")
+        .stderr_has("okm1: still stopping the service")
+        .stderr_has("okm1: still starting the service")
+        .stderr_has("okm2: database: dump and load")
+        .stderr_has("of dump streamed")
+        // No bar, no spinner, no escape sequence in a log.
+        .stderr_lacks("\x1b[")
+        .stderr_lacks("ETA");
+    drop_dbs(Engine::Mysql, 0, db);
+    drop_dbs(Engine::Mysql, 1, db);
 }
