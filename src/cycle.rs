@@ -33,6 +33,48 @@ pub trait CycleUi: Send + Sync {
     fn warn(&self, msg: &str);
     fn files_progress(&self, node: &str) -> Box<dyn Progress>;
     fn db_progress(&self, node: &str) -> Box<dyn DbProgress>;
+    /// A wait without a total begins on `node` (`what`: what is awaited,
+    /// e.g. a service stopping, with its command and deadline); shown until
+    /// the returned value is dropped.
+    fn waiting(&self, _node: &str, _what: &str) -> Box<dyn Waiting> {
+        Box::new(())
+    }
+}
+
+/// A wait being shown (a spinner, a log line now and then); it ends when
+/// dropped.
+pub trait Waiting: Send {}
+impl Waiting for () {}
+
+/// What a service wait on `node` is for, as a progress display says it.
+fn service_wait(node: &Node, starting: bool) -> String {
+    let Some(s) = &node.service else {
+        return String::new();
+    };
+    if starting {
+        format!(
+            "starting the service: `{}`, then `{}` until running{} (at most {} s)",
+            s.start,
+            s.status,
+            s.health_url
+                .as_ref()
+                .map(|u| format!(" and {u} answers 2xx"))
+                .unwrap_or_default()
+                + if s.writable_check.is_some() {
+                    " and its writable_check says it runs in its role's mode"
+                } else {
+                    ""
+                },
+            s.timeout.as_secs()
+        )
+    } else {
+        format!(
+            "stopping the service: `{}`, then `{}` until stopped (at most {} s)",
+            s.stop,
+            s.status,
+            s.timeout.as_secs()
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -372,7 +414,10 @@ impl Cycle {
             };
             let progress = self.ui.files_progress(&standby.name);
             let t0 = Instant::now();
-            let outcome = sync::run(src, dst, &sync_opts, &*progress)
+            let outcome = sync::run(src, dst, &sync_opts, &*progress);
+            // The display goes before the lines that follow it.
+            drop(progress);
+            let outcome = outcome
                 .map_err(|e| err(phase, format!("{} -> {}: {e}", primary.name, standby.name)))?;
             let t = outcome.summary.totals;
             let pass = FilePass {
@@ -412,7 +457,9 @@ impl Cycle {
         // Recorded before the stop: a stop that half-worked is started again.
         st.stopped.push(i);
         self.announce(i, Some(ServiceStep::Down));
+        let shown = self.ui.waiting(&node.name, &service_wait(node, false));
         let r = service::stop(self.t(i), node);
+        drop(shown);
         drop(st);
         r.map_err(|e| err("quiesce", e))?;
         self.ui.info(&format!("{}: service stopped", node.name));
@@ -431,7 +478,11 @@ impl Cycle {
             service::Mode::ReadOnly
         };
         self.announce(i, Some(ServiceStep::Starting));
+        let shown = self
+            .ui
+            .waiting(&self.nodes[i].name, &service_wait(&self.nodes[i], true));
         let r = service::start(self.t(i), &self.nodes[i], mode);
+        drop(shown);
         // Running in the wrong mode is running: it is not started again,
         // and the error says which mode it is in.
         let wrong_mode = matches!(r, Err(service::ServiceError::WrongMode { .. }));
@@ -482,8 +533,9 @@ impl Cycle {
             };
             let hook: Option<&dbrep::SnapshotHook<'_>> =
                 if early { Some(&restart_primary) } else { None };
-            let summary = dbrep::replicate(primary, standby, &*progress, hook)
-                .map_err(|e| err("database", e))?;
+            let summary = dbrep::replicate(primary, standby, &*progress, hook);
+            drop(progress);
+            let summary = summary.map_err(|e| err("database", e))?;
             self.ui.info(&format!(
                 "{}: database {}: {} tables, {} rows, {} of dump",
                 standby.name,

@@ -17,6 +17,11 @@ pub fn stdout(text: &str) {
     }
 }
 
+/// A message line on stderr, above any progress display being drawn.
+fn above(line: &str) {
+    crate::progress::eprintln_above(line);
+}
+
 /// Messages on stderr, filtered by -v / -q.
 #[derive(Clone, Copy)]
 pub struct Log {
@@ -32,25 +37,25 @@ impl Log {
     }
 
     pub fn error(&self, msg: &str) {
-        eprintln!("hasync: error: {msg}");
+        above(&format!("hasync: error: {msg}"));
     }
 
     pub fn warn(&self, msg: &str) {
         if self.level >= 1 {
-            eprintln!("hasync: warning: {msg}");
+            above(&format!("hasync: warning: {msg}"));
         }
     }
 
     pub fn info(&self, msg: &str) {
         if self.level >= 2 {
-            eprintln!("{msg}");
+            above(msg);
         }
     }
 
     #[allow(dead_code)] // used as commands grow verbose output
     pub fn debug(&self, msg: &str) {
         if self.level >= 3 {
-            eprintln!("hasync: {msg}");
+            above(&format!("hasync: {msg}"));
         }
     }
 }

@@ -57,6 +57,11 @@ const BATCH_IDLE: Duration = Duration::from_millis(5);
 /// Files at least this large are committed alone with their own fsync
 /// (their writeback dominates; batching gains nothing).
 const SOLO_FILE: u64 = 32 << 20;
+/// The longest an answer waits in the output buffer while requests keep
+/// coming. Answers are otherwise flushed only when the input runs dry, which
+/// in a steady transfer is never: every `Done` of a run reached the client at
+/// its end, and its progress bar stood still (issue 14, item 5).
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Files written, verified and staged, waiting to be committed together.
 #[derive(Default)]
@@ -198,16 +203,23 @@ pub fn serve(
         committing: None,
     };
     let mut buf = Vec::new();
+    let mut flushed = Instant::now();
     loop {
         // About to wait for the client: make sure it has everything we said.
         if input.buffer().is_empty() {
             s.out.flush()?;
+            flushed = Instant::now();
             // Nothing more coming for now: the client may be waiting for
             // the answers of the batch.
             if s.uncommitted() && !readable_within(input.get_ref().as_fd(), BATCH_IDLE) {
                 s.commit_batch()?;
                 s.out.flush()?;
             }
+        } else if !s.out.buffer().is_empty() && flushed.elapsed() >= FLUSH_EVERY {
+            // More requests are queued, but the client counts on the answers
+            // (and shows them as progress): they leave within FLUSH_EVERY.
+            s.out.flush()?;
+            flushed = Instant::now();
         }
         match wire::read_frame(&mut input, &mut buf) {
             Ok(Some(())) => {}

@@ -11,7 +11,7 @@ use hasync::sync::Progress;
 use crate::cli::{Cli, SwitchoverArgs, SyncArgs};
 use crate::exit::Exit;
 use crate::output::{self, Log};
-use crate::progress::{DbReporter, Reporter};
+use crate::progress::{DbReporter, Reporter, Waiting};
 
 struct Ui {
     log: Log,
@@ -31,6 +31,9 @@ impl CycleUi for Ui {
     }
     fn db_progress(&self, node: &str) -> Box<dyn DbProgress> {
         Box::new(DbReporter::new(node, self.no_progress, self.quiet))
+    }
+    fn waiting(&self, node: &str, what: &str) -> Box<dyn cycle::Waiting> {
+        Box::new(Waiting::new(node, what, self.no_progress, self.quiet))
     }
 }
 

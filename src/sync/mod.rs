@@ -25,10 +25,10 @@ pub mod plan;
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::agent::wire::{self, Msg};
 use manifest::{Entry, Kind};
@@ -267,10 +267,23 @@ impl SyncOptions {
 }
 
 /// What the engine tells whoever shows progress. Engines never print.
+///
+/// A run calls, in order: `scanning` (from both sides at once, as their
+/// entries arrive), `planned` once, then `sending` / `advanced` / `done` as
+/// the files go across, from the engine's reader threads.
 pub trait Progress: Send + Sync {
+    /// `entries` entries of `node`'s scan have arrived so far (the agent
+    /// sends them once its walk is done; until then this is not called).
+    fn scanning(&self, _node: &str, _entries: u64) {}
     /// The plan is known: totals for the bars.
     fn planned(&self, _plan: &Plan) {}
-    /// A file (or other action) finished; `bytes` of its size are now done.
+    /// The content of `path` starts on its way to the standby.
+    fn sending(&self, _path: &[u8]) {}
+    /// `bytes` more of a whole file's content went to the standby (deltas
+    /// count when they are done: their frames are not file bytes).
+    fn advanced(&self, _bytes: u64) {}
+    /// A file (or other action) finished; `bytes` more of its size are now
+    /// done, beyond what `advanced` reported for it.
     fn done(&self, _path: &[u8], _bytes: u64) {}
     /// Something worth a log line (a retry, a phase).
     fn note(&self, _msg: &str) {}
@@ -470,12 +483,19 @@ impl Side {
     }
 
     /// Scan, returning the sorted manifest and the count of skipped specials.
-    fn scan_reply(&mut self, id: u64) -> Result<(Vec<Entry>, u64), SyncError> {
+    fn scan_reply(
+        &mut self,
+        id: u64,
+        progress: &dyn Progress,
+    ) -> Result<(Vec<Entry>, u64), SyncError> {
         let mut buf = Vec::new();
         let mut entries = Vec::new();
         loop {
             match recv(&self.node, "scan", &mut self.reader, &mut buf)? {
-                Msg::Entries { id: i, entries: e } if i == id => entries.extend(e),
+                Msg::Entries { id: i, entries: e } if i == id => {
+                    entries.extend(e);
+                    progress.scanning(&self.node, entries.len() as u64);
+                }
                 Msg::Done { id: i, bytes } if i == id => return Ok((entries, bytes)),
                 Msg::Fail { message, .. } => {
                     return Err(SyncError::Agent {
@@ -517,7 +537,7 @@ pub fn run(
                     cleanup,
                 },
             )?;
-            side.scan_reply(0)
+            side.scan_reply(0, progress)
         };
     let (src_scan, dst_scan) = std::thread::scope(|s| {
         let a = s.spawn(|| scan(&mut src, &opts.src_root, false));
@@ -665,6 +685,8 @@ struct Job {
     /// Begin already forwarded to the standby.
     begun: bool,
     resent: bool,
+    /// Bytes of its content reported to [`Progress::advanced`] so far.
+    counted: u64,
     /// The source disowned the data it sent: the file changed while it was
     /// being read (a `Fail` marked `mismatch` from the source agent).
     changed: bool,
@@ -723,11 +745,18 @@ struct State {
 
 enum Out {
     Frame(Vec<u8>),
+    /// A frame carrying this many bytes of a whole file's content: added to
+    /// the writer's count once written (what progress shows as sent).
+    Content(Vec<u8>, u64),
 }
+
+/// How often the bytes written to the standby are passed on to progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 fn writer_thread(
     mut w: Writer,
     rx: Receiver<Out>,
+    written: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<(Writer, Option<std::io::Error>)> {
     std::thread::spawn(move || {
         let mut err = None;
@@ -744,11 +773,16 @@ fn writer_thread(
                 }
                 Err(mpsc::TryRecvError::Disconnected) => None,
             };
-            let Some(Out::Frame(f)) = first else { break };
+            let (f, content) = match first {
+                Some(Out::Frame(f)) => (f, 0),
+                Some(Out::Content(f, n)) => (f, n),
+                None => break,
+            };
             if let Err(e) = w.write_all(&f) {
                 err = Some(e);
                 break;
             }
+            written.fetch_add(content, Ordering::Relaxed);
         }
         if err.is_none() {
             if let Err(e) = w.flush() {
@@ -788,8 +822,12 @@ fn execute(
             count: Arc::default(),
         }),
     );
-    let src_w = writer_thread(src_writer, src_rx);
-    let dst_w = writer_thread(dst_writer, dst_rx);
+    // Content bytes handed to the standby's connection, and whether the
+    // transfer is over (for the thread that reports them).
+    let written = Arc::new(AtomicU64::new(0));
+    let over = AtomicBool::new(false);
+    let src_w = writer_thread(src_writer, src_rx, Arc::default());
+    let dst_w = writer_thread(dst_writer, dst_rx, written.clone());
     let frame = |m: &Msg| Out::Frame(m.encode());
     let src_node = src.node.clone();
     let dst_node = dst.node.clone();
@@ -858,6 +896,7 @@ fn execute(
                     delta: false,
                     begun: true,
                     resent: false,
+                    counted: 0,
                     changed: false,
                 },
             );
@@ -873,6 +912,7 @@ fn execute(
                     delta: *delta,
                     begun: false,
                     resent: false,
+                    counted: 0,
                     changed: false,
                 },
             );
@@ -889,6 +929,32 @@ fn execute(
     }
 
     let result = std::thread::scope(|s| -> Result<(), SyncError> {
+        // However this closure ends, the reporting thread ends with it (the
+        // scope waits for it).
+        struct Over<'a>(&'a AtomicBool);
+        impl Drop for Over<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _over = Over(&over);
+        // Bytes sent, as the standby's connection takes them (the source
+        // reads far ahead of a slow link): a bar moves at the link's pace.
+        s.spawn(|| {
+            let mut reported = 0;
+            loop {
+                let end = over.load(Ordering::Acquire);
+                let now = written.load(Ordering::Relaxed);
+                if now > reported {
+                    progress.advanced(now - reported);
+                    reported = now;
+                }
+                if end {
+                    return;
+                }
+                std::thread::sleep(PROGRESS_EVERY);
+            }
+        });
         // Source reader: file content and deltas, forwarded to the standby.
         let src_reader = &mut src.reader;
         let st1 = state.clone();
@@ -974,9 +1040,25 @@ fn execute(
                         delta: job.delta,
                         attrs: job.entry.attrs,
                     };
+                    let path = job.entry.path.clone();
                     drop(st);
+                    progress.sending(&path);
                     let _ = to_dst1.send(frame(&begin));
                     st = st1.lock().expect("state lock");
+                }
+                // Whole-file content counts as it goes (a large file's bar
+                // moves before the standby acknowledges it).
+                let mut advanced = 0;
+                if msg.is_none() {
+                    if let (Some(job), Some(Ok((_, bytes)))) =
+                        (st.jobs.get_mut(&id), wire::data_view(&raw[4..]))
+                    {
+                        if !job.delta {
+                            advanced = (bytes.len() as u64)
+                                .min(job.entry.size.saturating_sub(job.counted));
+                            job.counted += advanced;
+                        }
+                    }
                 }
                 if let Some(Msg::End {
                     literal, matched, ..
@@ -994,7 +1076,11 @@ fn execute(
                 }
                 drop(st);
                 // Forward the frame as it came.
-                let _ = to_dst1.send(Out::Frame(raw));
+                let _ = to_dst1.send(if advanced > 0 {
+                    Out::Content(raw, advanced)
+                } else {
+                    Out::Frame(raw)
+                });
             }
         });
 
@@ -1049,7 +1135,7 @@ fn execute(
                             progress.done(
                                 &job.entry.path,
                                 if job.entry.kind == Kind::File {
-                                    job.entry.size
+                                    job.entry.size.saturating_sub(job.counted)
                                 } else {
                                     0
                                 },

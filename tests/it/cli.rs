@@ -324,7 +324,8 @@ fn every_template_parses() {
                     .count();
                 assert!(servers >= 2, "templates/{name}: a checked server per node");
                 assert!(
-                    text.lines().any(|l| l.trim_start().starts_with("server ") && l.ends_with(" backup")),
+                    text.lines()
+                        .any(|l| l.trim_start().starts_with("server ") && l.ends_with(" backup")),
                     "templates/{name}: a backup server (the maintenance page)"
                 );
                 // HAProxy itself reads it (.ci/run installs haproxy).
