@@ -160,7 +160,7 @@ pub fn client_cnf(path: &Path, port: u16) -> PathBuf {
 }
 
 /// The writer's init script. POSIX sh, daemonised and stopped like the
-/// harness's `app.sh` (setsid, stdio detached, the daemon writes its own
+/// harness's `app.py` (setsid, stdio detached, the daemon writes its own
 /// pid, which is its process-group id; stop = SIGTERM to the group), but it
 /// must be down within a second. `start` runs the script itself as
 /// `writer.sh _run PIDFILE` for the daemon, so no quoting of SQL inside

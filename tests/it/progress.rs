@@ -427,7 +427,7 @@ fn every_slow_phase_of_a_cycle_shows_something_moving() {
     }
     if !drawn
         .iter()
-        .any(|d| d.text.contains("stopping the service") && d.text.contains("app.sh status"))
+        .any(|d| d.text.contains("stopping the service") && d.text.contains("app.py status"))
     {
         problems.push("the stop spinner does not name the status command it waits on".into());
     }

@@ -12,7 +12,7 @@
 //! * a MariaDB server ([`mariadb`]) and a PostgreSQL server ([`postgres`]),
 //!   both on 127.0.0.1 with random ports, each with database `okmdb` owned
 //!   by user `okm`,
-//! * a fake application controlled by an LSB-style `app.sh` ([`app`]).
+//! * a fake application controlled by an LSB-style `app.py` that serves HTTP and reads its read-only flag at startup ([`app`]).
 //!
 //! The cluster is started lazily, once per test binary, by [`cluster`].
 //! All tests of the binary share it, and it is torn down at process exit

@@ -20,7 +20,7 @@
 //!    otherwise), so C `atexit` handlers run. Ours stops every live child
 //!    (its stop signal, a short grace period, then SIGKILL). It also kills
 //!    processes that are *not* our children: the fake application
-//!    daemonised by `app.sh start` over SSH, which is found by pidfile,
+//!    daemonised by `app.py start` over SSH, which is found by pidfile,
 //!    sshd's per-connection processes, and anything else whose command line
 //!    mentions the run directory. Then it removes the run directory.
 //!    SIGINT, SIGTERM and SIGHUP are turned into a normal `exit()` by a
