@@ -596,6 +596,8 @@ echo "== done" >&2
         ("nodes.okm1.service", "start", q(writer.cmd("start"))),
         ("nodes.okm1.service", "stop", q(writer.cmd("stop"))),
         ("nodes.okm1.service", "status", q(writer.cmd("status"))),
+        // The writer is okm1's application here; it serves no HTTP.
+        ("nodes.okm1.service", "health_url", None),
     ];
     if early_restart {
         edits.push(("database", "early_restart", Some("true".into())));

@@ -354,6 +354,8 @@ fn soak(label: &str, cycles: u32) {
                 ("nodes.okm1.service", "start", q(writer.cmd("start"))),
                 ("nodes.okm1.service", "stop", q(writer.cmd("stop"))),
                 ("nodes.okm1.service", "status", q(writer.cmd("status"))),
+                // The writer is okm1's application here; it serves no HTTP.
+                ("nodes.okm1.service", "health_url", None),
             ],
         ),
     )
