@@ -124,7 +124,11 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
     std::os::unix::fs::symlink("datastore", src.join("repository/store")).unwrap();
     std::fs::create_dir_all(src.join("repository/empty")).unwrap();
     write(&dst, "repository/index/write.lock", b"mirror lock");
-    write(&dst, "repository/index/old-segment", b"goes in the first run");
+    write(
+        &dst,
+        "repository/index/old-segment",
+        b"goes in the first run",
+    );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -157,7 +161,11 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
         touch_one(&src.join(p), now - 1000);
     }
     touch_all(&src.join("repository/datastore/6a"), now - 1000);
-    write(&dst, "repository/index/segment-0", b"the primary never had it");
+    write(
+        &dst,
+        "repository/index/segment-0",
+        b"the primary never had it",
+    );
     same_time(&src.join("repository/index"), &dst.join("repository/index"));
 
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_hasync"))
@@ -172,9 +180,12 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
     let victim = loop {
         assert!(Instant::now() < deadline, "big.bin was never in transfer");
         let temp = std::fs::read_dir(&big_dir).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".big.bin."))
+            d.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".big.bin.")
+            })
         });
         if let Some(pid) = temp.as_deref().and_then(crate::sync::holder_of) {
             break pid;
