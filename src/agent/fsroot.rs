@@ -100,7 +100,12 @@
 //!   agent can check the result against the sender's `End` without reading
 //!   it back. The agent scans with cleanup ([`Root::scan`]) when asked to
 //!   clean up (the protocol's `cleanup` flag): the walk that lists the tree
-//!   deletes the leftovers it meets, no second walk.
+//!   deletes the leftovers it meets, no second walk. Unlinking them changes
+//!   their directory's mtime after the parent's listing recorded it, so a
+//!   directory that lost a leftover is `fstat`ed again through the
+//!   descriptor the walk holds and reported with its time from after the
+//!   cleanup: the plan then sees it differ from the primary's and sets it
+//!   back. A directory without leftovers costs nothing more.
 //! - **Owner and mode** as given (`owner: None` leaves the owner, which is
 //!   what a non-root agent must pass). Mode bits are masked to `0o7777`.
 //!   Setting attributes opens the file or directory read-only (regular
@@ -117,7 +122,11 @@
 //!   walk is bound by system calls and costs 75–350 ms for 50,000 files
 //!   depending on how many directories hold them.
 //!   Entries are sorted by the raw bytes of their full relative path, which
-//!   both sides compute identically, so manifests merge-join. Directories
+//!   both sides compute identically, so manifests merge-join. The root
+//!   itself is [`Scan::root`] (one `fstat` of its descriptor, after its
+//!   cleanup): the agent sends it as the empty path, and
+//!   [`Root::set_root_attrs`] sets it, so its mode, owner and mtime are
+//!   replicated like rsync's `./`. Directories
 //!   report size 0 (their `st_size` is filesystem noise), symlinks the length
 //!   of their target. It does not stop at mount points (like rsync without
 //!   `-x`): a filesystem mounted inside the root is replicated as part of the
@@ -1525,7 +1534,9 @@ impl Root {
     /// [`scan`] of this root. With `cleanup` it also deletes the leftover
     /// temporary files (and temporary symlinks) a crash or a kill left
     /// wherever it walks (counted in [`Scan::removed`]), with no second
-    /// walk of the tree. Excluded directories are not entered, so
+    /// walk of the tree; a directory it removed something from is reported
+    /// with its mtime from after the removal. Excluded directories are not
+    /// entered, so
     /// leftovers in a directory excluded since the interrupted run stay
     /// (hasync never touches an excluded path).
     pub fn scan(
@@ -1921,7 +1932,7 @@ pub struct Scan {
     pub root: Option<Entry>,
 }
 
-/// Scans the tree under `root` (not the root itself), never following
+/// Scans the tree under `root` (the root itself is [`Scan::root`]), never following
 /// symlinks. `exclude(rel_path, is_dir)` returning true leaves a path out
 /// (and does not descend into an excluded directory); it is not called for
 /// our temporary files, which are always left out silently. See the module

@@ -205,6 +205,12 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
         !temps_under(&dst).is_empty(),
         "the kill left no temporary file: the test proves nothing"
     );
+    // For the next run: a create at the top level and a delete beside an
+    // excluded file.
+    write(&src, "added-later.txt", b"after the kill");
+    touch_one(&src.join("added-later.txt"), now - 500);
+    touch_one(&src, now - 500);
+    write(&dst, "repository/index/segment-0b", b"goes in the next run");
     // Leftovers in directories whose time is right, the root among them.
     for (dir, name) in [
         ("", "config.xml"),
