@@ -8,7 +8,7 @@
 /// The package version of this binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The agent wire protocol version.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// The line `hasync agent --version` prints.
 pub fn agent_version_line() -> String {

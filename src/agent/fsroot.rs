@@ -100,7 +100,12 @@
 //!   agent can check the result against the sender's `End` without reading
 //!   it back. The agent scans with cleanup ([`Root::scan`]) when asked to
 //!   clean up (the protocol's `cleanup` flag): the walk that lists the tree
-//!   deletes the leftovers it meets, no second walk.
+//!   deletes the leftovers it meets, no second walk. Unlinking them changes
+//!   their directory's mtime after the parent's listing recorded it, so a
+//!   directory that lost a leftover is `fstat`ed again through the
+//!   descriptor the walk holds and reported with its time from after the
+//!   cleanup: the plan then sees it differ from the primary's and sets it
+//!   back. A directory without leftovers costs nothing more.
 //! - **Owner and mode** as given (`owner: None` leaves the owner, which is
 //!   what a non-root agent must pass). Mode bits are masked to `0o7777`.
 //!   Setting attributes opens the file or directory read-only (regular
@@ -117,7 +122,11 @@
 //!   walk is bound by system calls and costs 75–350 ms for 50,000 files
 //!   depending on how many directories hold them.
 //!   Entries are sorted by the raw bytes of their full relative path, which
-//!   both sides compute identically, so manifests merge-join. Directories
+//!   both sides compute identically, so manifests merge-join. The root
+//!   itself is [`Scan::root`] (one `fstat` of its descriptor, after its
+//!   cleanup): the agent sends it as the empty path, and
+//!   [`Root::set_root_attrs`] sets it, so its mode, owner and mtime are
+//!   replicated like rsync's `./`. Directories
 //!   report size 0 (their `st_size` is filesystem noise), symlinks the length
 //!   of their target. It does not stop at mount points (like rsync without
 //!   `-x`): a filesystem mounted inside the root is replicated as part of the
@@ -1349,7 +1358,9 @@ impl Root {
     /// Sets mode, owner and mtime of an existing file or directory (on an
     /// open descriptor, mtime last), or owner and mtime of a symlink (by
     /// name, never following it). Set a directory's attributes after
-    /// filling it: creating entries bumps its mtime.
+    /// filling it: creating entries bumps its mtime. The root itself is
+    /// [`Root::set_root_attrs`]; here the empty path is refused like any
+    /// invalid one.
     pub fn set_attrs(&self, rel: &[u8], attrs: &Attrs) -> Result<(), FsError> {
         const OP: &str = "set attributes of";
         attrs.check(OP, rel)?;
@@ -1380,6 +1391,14 @@ impl Root {
             }
             Err(e) => Err(io_err(OP, rel, e)),
         }
+    }
+
+    /// Sets mode, owner and mtime of the root directory itself (rsync's
+    /// `./`, the empty path of a scan), on the descriptor [`Root::open`]
+    /// opened. Set it last: every change at the top level bumps its mtime.
+    pub fn set_root_attrs(&self, attrs: &Attrs) -> Result<(), FsError> {
+        attrs.check("set attributes of", b".")?;
+        apply_attrs(self.fd.as_fd(), attrs, true, self.preserve_setid, b".")
     }
 
     /// Opens the regular file `rel` for reading (the sender's content, or
@@ -1515,7 +1534,9 @@ impl Root {
     /// [`scan`] of this root. With `cleanup` it also deletes the leftover
     /// temporary files (and temporary symlinks) a crash or a kill left
     /// wherever it walks (counted in [`Scan::removed`]), with no second
-    /// walk of the tree. Excluded directories are not entered, so
+    /// walk of the tree; a directory it removed something from is reported
+    /// with its mtime from after the removal. Excluded directories are not
+    /// entered, so
     /// leftovers in a directory excluded since the interrupted run stay
     /// (hasync never touches an excluded path).
     pub fn scan(
@@ -1906,9 +1927,12 @@ pub struct Scan {
     pub skipped: Vec<Skipped>,
     /// Leftover temporary files deleted (a [`Root::scan`] with cleanup).
     pub removed: u64,
+    /// The root directory itself (path empty), stat'ed after its listing
+    /// and cleanup; `None` only from a scan that failed.
+    pub root: Option<Entry>,
 }
 
-/// Scans the tree under `root` (not the root itself), never following
+/// Scans the tree under `root` (the root itself is [`Scan::root`]), never following
 /// symlinks. `exclude(rel_path, is_dir)` returning true leaves a path out
 /// (and does not descend into an excluded directory); it is not called for
 /// our temporary files, which are always left out silently. See the module
@@ -1978,6 +2002,10 @@ struct Found {
     entries: Vec<Entry>,
     skipped: Vec<Skipped>,
     removed: u64,
+    /// Directories stat'ed again after their listing: the root (always)
+    /// and those whose leftovers cleanup removed (unlinking changed their
+    /// mtime after the parent's listing recorded it).
+    restat: Vec<Entry>,
 }
 
 fn scan_fd(
@@ -2018,13 +2046,27 @@ fn scan_fd(
         })
     };
     let mut scan = Scan::default();
+    let mut restat = Vec::new();
     for r in results {
         let found = r?;
         scan.entries.extend(found.entries);
         scan.skipped.extend(found.skipped);
         scan.removed += found.removed;
+        restat.extend(found.restat);
     }
     scan.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    // What a directory holds after the cleanup is what the plan compares,
+    // so its mtime is the one after the unlinks (one binary search per
+    // cleaned directory; none on a tree without leftovers).
+    for d in restat {
+        if d.path.is_empty() {
+            scan.root = Some(d);
+        } else if let Ok(i) = scan.entries.binary_search_by(|e| e.path.cmp(&d.path)) {
+            if scan.entries[i].kind == Kind::Dir {
+                scan.entries[i].attrs = d.attrs;
+            }
+        }
+    }
     if with_hash {
         hash_files(root, &mut scan, config.hash_threads)?;
     }
@@ -2149,6 +2191,7 @@ impl Walker<'_> {
             }
         }
         let share = rel.iter().filter(|&&b| b == b'/').count() < SHARE_FD_DEPTH;
+        let removed_before = found.removed;
         for i in 0..list.len() {
             let (name, _) = list.get(i);
             let path = join(&rel, name);
@@ -2238,6 +2281,17 @@ impl Walker<'_> {
                     },
                 }),
             }
+        }
+        // The root has no parent listing to record it; a directory whose
+        // leftovers were just unlinked has a newer mtime than the one its
+        // parent's listing recorded. Either costs one fstat of the
+        // descriptor held; an unchanged directory costs nothing more.
+        if rel.is_empty() || found.removed != removed_before {
+            let st = sys::fstat(fd.as_fd()).map_err(|e| {
+                let shown = if rel.is_empty() { b"." as &[u8] } else { &rel };
+                io_err("scan", shown, e)
+            })?;
+            found.restat.push(entry_from_stat(rel, Kind::Dir, &st));
         }
         Ok(())
     }
@@ -2941,6 +2995,61 @@ mod tests {
         leave_leftovers();
         assert_eq!(r.scan(&|_, _| false, false, true).unwrap().removed, 3);
         cleaned();
+    }
+
+    /// A directory's mtime as the scan reports it is the one after the
+    /// cleanup unlinked its leftovers (the plan compares that, and sets the
+    /// time back when it differs); the root is reported too, also after
+    /// its cleanup, and [`Root::set_root_attrs`] sets it.
+    #[test]
+    fn cleaned_directories_and_the_root_are_reported_as_left() {
+        use std::os::unix::fs::MetadataExt;
+        let f = fixture();
+        let r = &f.root;
+        for d in ["a", "a/b", "c"] {
+            r.mkdir(d.as_bytes(), 0o755).unwrap();
+        }
+        write_file(r, b"a/b/real", b"x", &attrs(0o644));
+        for leftover in [
+            ".x.hasync-0123456789abcdef.tmp",
+            "a/b/.real.hasync-0123456789abcdef.tmp",
+            "c/.y.hasync-0123456789abcdef.tmp",
+        ] {
+            fs::write(p(&f.root_path, leftover), b"half").unwrap();
+        }
+        // Every directory's time is right before the scan, as after an
+        // interrupted run whose directory times were already set.
+        r.set_root_attrs(&attrs(0o755)).unwrap();
+        for d in ["a", "a/b", "c"] {
+            r.set_attrs(d.as_bytes(), &attrs(0o755)).unwrap();
+        }
+        let mtime = |rel: &str| {
+            let m = fs::metadata(p(&f.root_path, rel)).unwrap();
+            (m.mtime(), m.mtime_nsec() as u32)
+        };
+        let set = (1_600_000_000, 123_456_789);
+        assert_eq!(mtime(""), set, "set_root_attrs sets the root");
+        let plain = r.scan(&|_, _| false, false, false).unwrap();
+        let root = plain.root.as_ref().expect("the root is reported");
+        assert_eq!((root.path.as_slice(), root.kind), (&b""[..], Kind::Dir));
+        assert_eq!((root.attrs.mtime_sec, root.attrs.mtime_nsec), set);
+        let c = r.scan(&|_, _| false, false, true).unwrap();
+        assert_eq!(c.removed, 3);
+        let reported = |rel: &str| {
+            let e = if rel.is_empty() {
+                c.root.as_ref().unwrap()
+            } else {
+                c.entries.iter().find(|e| e.path == rel.as_bytes()).unwrap()
+            };
+            (e.attrs.mtime_sec, e.attrs.mtime_nsec)
+        };
+        for d in ["", "a/b", "c"] {
+            assert_ne!(mtime(d), set, "{d:?}: the unlink did not move its mtime");
+            assert_eq!(reported(d), mtime(d), "{d:?}: reported before its cleanup");
+        }
+        // Nothing was removed from `a`: its time is right and reported so.
+        assert_eq!(reported("a"), set);
+        assert_eq!(mtime("a"), set);
     }
 
     #[test]

@@ -527,7 +527,13 @@ impl<W: Write> Session<W> {
             }
             Msg::SetAttrs { id, path, attrs } => {
                 let owner = self.owner(&attrs);
-                let r = self.root()?.set_attrs(&path, &fs_attrs(&attrs, owner));
+                let (root, attrs) = (self.root()?, fs_attrs(&attrs, owner));
+                // The empty path is the root itself, as in a scan.
+                let r = if path.is_empty() {
+                    root.set_root_attrs(&attrs)
+                } else {
+                    root.set_attrs(&path, &attrs)
+                };
                 self.reply(id, r)?;
             }
             Msg::Sync { id } => {
@@ -580,6 +586,14 @@ impl<W: Write> Session<W> {
             |p: &[u8], is_dir: bool| filter.is_excluded(&String::from_utf8_lossy(p), is_dir);
         match self.root()?.scan(&exclude, checksum, cleanup) {
             Ok(scan) => {
+                // The root itself comes first, as the empty path: its mode,
+                // owner and mtime are replicated like any directory's.
+                if let Some(root) = scan.root {
+                    self.send(&Msg::Entries {
+                        id,
+                        entries: vec![root],
+                    })?;
+                }
                 let entries: Vec<wire::Entry> = scan.entries;
                 for batch in entries.chunks(2048) {
                     self.send(&Msg::Entries {

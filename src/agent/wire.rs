@@ -81,7 +81,8 @@ pub enum Msg {
     Claim {
         epoch: u64,
     },
-    /// Scan the root; answered by `Entries` frames and `Done`.
+    /// Scan the root; answered by `Entries` frames and `Done`. The first
+    /// entry is the root itself, with the empty path (protocol 4).
     Scan {
         id: u64,
         excludes: Vec<String>,
@@ -146,6 +147,8 @@ pub enum Msg {
         path: Vec<u8>,
         recursive: bool,
     },
+    /// Set mode, owner and mtime; the empty path is the root itself
+    /// (protocol 4), refused by every other request.
     SetAttrs {
         id: u64,
         path: Vec<u8>,

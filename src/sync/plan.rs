@@ -155,6 +155,11 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
             (None, _) => Ordering::Greater,
         };
         match ord {
+            // The root (the empty path, first in a scan) on one side only:
+            // it can only have its attributes set, never be created or
+            // deleted.
+            Ordering::Less if src[i].path.is_empty() => i += 1,
+            Ordering::Greater if dst[j].path.is_empty() => j += 1,
             Ordering::Less => {
                 let s = &src[i];
                 if s.kind == Kind::Dir {
@@ -253,7 +258,8 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
     actions.extend(creates);
     // Writing into a directory changes its mtime: every directory that gets
     // an entry created, replaced or deleted has its attributes set again
-    // afterwards (rsync does the same).
+    // afterwards (rsync does the same), the root (the empty path) for the
+    // top level.
     let src_dirs: std::collections::HashMap<&[u8], &Entry> = src
         .iter()
         .filter(|e| e.kind == Kind::Dir)
@@ -269,10 +275,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
             Action::Delete { path, .. } => path,
             Action::Attrs { .. } => continue,
         };
-        let Some(slash) = path.iter().rposition(|b| *b == b'/') else {
-            continue;
-        };
-        let parent = &path[..slash];
+        let parent = &path[..path.iter().rposition(|b| *b == b'/').unwrap_or(0)];
         if let Some(dir) = src_dirs.get(parent) {
             if queued.insert(parent.to_vec()) {
                 dir_attrs.push((*dir).clone());
@@ -495,6 +498,42 @@ mod tests {
         let p = plan(&src, &dst, opts());
         let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
         assert_eq!(order, vec![&b"a/b"[..], b"a"]);
+    }
+
+    #[test]
+    fn the_root_gets_its_attributes_back_and_is_never_created_or_deleted() {
+        let root = |mtime: i64| {
+            let mut r = d("");
+            r.attrs.mtime_sec = mtime;
+            r
+        };
+        // A change at the top level resets the root's time, last.
+        let p = plan(
+            &[root(5), d("a"), f("new", 1, 1)],
+            &[root(5), d("a")],
+            opts(),
+        );
+        let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(order, vec![&b""[..]]);
+        let p = plan(
+            &[root(5), d("a"), f("a/new", 1, 1)],
+            &[root(5), d("a")],
+            opts(),
+        );
+        let order: Vec<&[u8]> = p.dir_attrs.iter().map(|e| &e.path[..]).collect();
+        assert_eq!(order, vec![&b"a"[..]]);
+        // Only its time differs (a leftover removed there): just that.
+        let p = plan(&[root(5), d("a")], &[root(6), d("a")], opts());
+        assert!(p.actions.is_empty());
+        assert_eq!(p.dir_attrs, vec![root(5)]);
+        // Nothing to do: nothing planned.
+        assert!(plan(&[root(5), d("a")], &[root(5), d("a")], opts()).is_empty());
+        // On one side only (a peer that did not send it): never a create
+        // or a delete of the root, and nothing for it to get back.
+        let p = plan(&[root(5), f("x", 1, 1)], &[f("x", 1, 1)], opts());
+        assert!(p.is_empty(), "{p:?}");
+        let p = plan(&[f("x", 1, 1)], &[root(5), f("x", 1, 1)], opts());
+        assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]

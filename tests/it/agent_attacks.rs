@@ -679,6 +679,10 @@ fn invalid_paths_are_refused_by_every_operation() {
             ("DeltaReq", Msg::DeltaReq { id, path: p() }),
         ];
         for (op, m) in requests {
+            // SetAttrs of the empty path sets the root itself (below).
+            if path.is_empty() && op == "SetAttrs" {
+                continue;
+            }
             let id = match &m {
                 Msg::Mkdir { id, .. }
                 | Msg::Symlink { id, .. }
@@ -697,6 +701,20 @@ fn invalid_paths_are_refused_by_every_operation() {
         }
         id += 1;
     }
+    // The empty path is the root for SetAttrs alone (a scan reports the
+    // root so, rsync's `./`): its mode and time, nothing outside it.
+    a.send(&Msg::SetAttrs {
+        id,
+        path: Vec::new(),
+        attrs: attrs(0o750),
+    });
+    a.expect_done(id, "SetAttrs of the root");
+    let m = std::fs::metadata(&t.root).unwrap();
+    assert_eq!(
+        (m.mode() & 0o7777, m.mtime()),
+        (0o750, attrs(0).mtime_sec),
+        "the root's attributes"
+    );
     t.assert_outside_untouched(&before);
     t.assert_no_temps();
     assert_eq!(t.read("keep.txt"), OLD);

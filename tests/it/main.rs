@@ -12,6 +12,7 @@ mod cmd;
 mod config_errors;
 mod cycle;
 mod db;
+mod dirtimes;
 mod doctor;
 mod faults;
 mod faults_data;

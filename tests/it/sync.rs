@@ -41,38 +41,63 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
         let e = e.unwrap();
         let p = e.path();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-        let m = std::fs::symlink_metadata(&p).unwrap();
-        let node = if m.file_type().is_symlink() {
-            Node::Link {
-                target: std::fs::read_link(&p)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned(),
-                owner: (m.uid(), m.gid()),
-            }
-        } else if m.is_dir() {
+        let node = node_of(&p);
+        if matches!(node, Node::Dir { .. }) {
             walk(root, &p, out);
-            Node::Dir {
-                mode: m.mode() & 0o7777,
-                mtime: (m.mtime(), m.mtime_nsec()),
-                owner: (m.uid(), m.gid()),
-            }
-        } else {
-            Node::File {
-                mode: m.mode() & 0o7777,
-                mtime: (m.mtime(), m.mtime_nsec()),
-                owner: (m.uid(), m.gid()),
-                content: std::fs::read(&p).unwrap(),
-            }
-        };
+        }
         out.insert(rel, node);
     }
 }
 
-/// Assert two trees are equal, showing the first differences.
+fn node_of(p: &Path) -> Node {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    if m.file_type().is_symlink() {
+        Node::Link {
+            target: std::fs::read_link(p)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            owner: (m.uid(), m.gid()),
+        }
+    } else if m.is_dir() {
+        Node::Dir {
+            mode: m.mode() & 0o7777,
+            mtime: (m.mtime(), m.mtime_nsec()),
+            owner: (m.uid(), m.gid()),
+        }
+    } else {
+        Node::File {
+            mode: m.mode() & 0o7777,
+            mtime: (m.mtime(), m.mtime_nsec()),
+            owner: (m.uid(), m.gid()),
+            content: std::fs::read(p).unwrap(),
+        }
+    }
+}
+
+/// [`snapshot`] with the root itself as `./`, whose mode, owner and mtime
+/// are replicated like any directory's (as `rsync -a src/ dst/` does).
+pub fn snapshot_with_root(root: &Path) -> BTreeMap<String, Node> {
+    let mut out = snapshot(root);
+    out.insert("./".into(), node_of(root));
+    out
+}
+
+/// Assert two trees are equal, the roots' own attributes included, showing
+/// the first differences.
 #[track_caller]
 pub fn assert_same_tree(a: &Path, b: &Path) {
-    let (sa, sb) = (snapshot(a), snapshot(b));
+    assert_same_snapshot(a, b, snapshot_with_root(a), snapshot_with_root(b));
+}
+
+/// [`assert_same_tree`] of two snapshots taken of `a` and `b`.
+#[track_caller]
+pub fn assert_same_snapshot(
+    a: &Path,
+    b: &Path,
+    sa: BTreeMap<String, Node>,
+    sb: BTreeMap<String, Node>,
+) {
     if sa != sb {
         let mut diffs = Vec::new();
         for (k, v) in &sa {
@@ -484,7 +509,7 @@ fn killed_agent_leaves_no_half_written_file() {
 }
 
 /// The pid of a process that has `path` open.
-fn holder_of(path: &Path) -> Option<i32> {
+pub fn holder_of(path: &Path) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
