@@ -77,6 +77,9 @@ pub enum Command {
     /// [files] exclude patterns, with rsync-style delta transfers. Files are
     /// written to a temporary name, verified by hash and renamed, so an
     /// interrupted run never leaves a half-written file under a real name.
+    /// The next run removes the leftover temporary files and restores the
+    /// times of their directories; the root directory's mode, owner and
+    /// mtime are replicated like any directory's.
     ///
     /// --db-only dumps the primary's database (mariadb-dump/mysqldump
     /// --single-transaction, or pg_dump) and streams it into NAME__hasync_new
