@@ -265,13 +265,12 @@ impl View<'_> {
             Some(format!("the application is down ({})", app.detail))
         } else {
             Some(format!(
-                "the application runs {} ({})",
+                "the application runs {}, its writable_check says",
                 if mode == Mode::Writable {
                     "read-only"
                 } else {
                     "writable"
-                },
-                app.detail
+                }
             ))
         }
     }
