@@ -405,10 +405,39 @@ fn the_health_endpoint_follows_the_application() {
     assert_eq!(v["application"]["writable"], false, "{v}");
     assert_eq!(v["serving"], true, "{v}");
 
+    // The primary's application keeps adding documents (file, then row)
+    // from now on, as users would.
+    c.nodes[0].app.configure(&AppConfig {
+        root: Some(s.roots[0].clone()),
+        database: Some(("mysql", c.nodes[0].mariadb.port, db.to_string())),
+        write_every: Some(std::time::Duration::from_millis(100)),
+    });
+    c.nodes[0].app.stop();
+    c.nodes[0].app.start();
+    crate::db::wait_until(
+        "the application's first document",
+        std::time::Duration::from_secs(10),
+        || doc_ids(0, db).contains(','),
+    );
+
     // A cycle, watched as HAProxy would (every 50 ms) beside the application.
     let samples = watch(p1, 0, || {
         hasync().config(&cfg).args(["sync"]).run().code(0);
     });
+    // Every row the mirror got has its file: the application wrote the
+    // file first and was stopped before the final pass.
+    let paths = admin(Engine::Mysql, 1, db, "SELECT path FROM doc ORDER BY id");
+    let paths: Vec<&str> = paths.lines().collect();
+    assert!(
+        paths.len() > 2,
+        "the application wrote during the cycle: {paths:?}"
+    );
+    for p in &paths {
+        assert!(
+            s.roots[1].join(p).is_file(),
+            "{p}: a row on the mirror without its file"
+        );
+    }
     let table: String = samples
         .iter()
         .map(|x| {
