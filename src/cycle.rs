@@ -767,7 +767,7 @@ impl Cycle {
             // `start` needs `finished` unset only for `begin`; it checks `stopped`.
             if let Err(e) = self.start(i) {
                 still_down.push(if e.step == MODE_CHECK {
-                    format!("{}", e.detail)
+                    e.detail.clone()
                 } else {
                     format!("node {}: its service is DOWN: {e}", self.nodes[i].name)
                 });

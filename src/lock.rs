@@ -324,3 +324,89 @@ pub fn acquire(nodes: &[(&Node, &dyn Transport)], me: &Holder) -> Result<CycleLo
     }
     Ok(lock)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_is_the_holder_and_its_last_step() {
+        let step = Step {
+            step: "cycle: database".into(),
+            service: ServiceStep::Down,
+        };
+        let text = format!(
+            "host=a pid=7 started=2026-12-08T01:00:00+00:00 lockpid=99\n{}\n",
+            serde_json::to_string(&step).unwrap()
+        );
+        let a = parse_activity(&text).unwrap();
+        assert_eq!(a.holder, "host=a pid=7 started=2026-12-08T01:00:00+00:00");
+        assert_eq!(a.step, Some(step));
+        // Only the lock taken, nothing announced yet.
+        let a = parse_activity("host=a pid=7 started=x lockpid=99\n").unwrap();
+        assert_eq!(a.step, None);
+        // No live holder: nothing printed, no activity.
+        assert_eq!(parse_activity(""), None);
+        // A torn last line is no step, not an error.
+        assert_eq!(
+            parse_activity("host=a lockpid=9\n{\"step\": \"cyc")
+                .unwrap()
+                .step,
+            None
+        );
+    }
+
+    /// The shell snippet `status` and `check` run over SSH, and the
+    /// health server's own reading, against a real `cat` as the lock's.
+    #[test]
+    fn activity_follows_the_lock_holders_cat() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = crate::config::parse_without_files(
+            std::path::Path::new("t.toml"),
+            crate::config::TEMPLATE,
+        )
+        .unwrap()
+        .nodes
+        .remove(0);
+        node.state_dir = dir.path().display().to_string();
+        let t = crate::transport::on_this_machine(&node.name);
+        assert_eq!(activity(&*t, &node).unwrap(), None, "no holder file");
+        let mut cat = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (_, holder) = paths(&node);
+        std::fs::write(
+            &holder,
+            format!("host=h pid=1 started=s lockpid={}\n", cat.id()),
+        )
+        .unwrap();
+        let step = Step {
+            step: "cycle: final file pass".into(),
+            service: ServiceStep::Down,
+        };
+        std::fs::write(
+            step_path(&node),
+            format!(
+                "{{\"step\":\"cycle: preflight\",\"service\":\"untouched\"}}\n{}\n",
+                serde_json::to_string(&step).unwrap()
+            ),
+        )
+        .unwrap();
+        let want = Some(Activity {
+            holder: "host=h pid=1 started=s".into(),
+            step: Some(step),
+        });
+        assert_eq!(activity(&*t, &node).unwrap(), want);
+        assert_eq!(local_activity(&node), want);
+        cat.kill().unwrap();
+        cat.wait().unwrap();
+        assert_eq!(
+            activity(&*t, &node).unwrap(),
+            None,
+            "the holder's cat is gone"
+        );
+        assert_eq!(local_activity(&node), None);
+    }
+}

@@ -332,3 +332,111 @@ impl View<'_> {
         (if up { 200 } else { 503 }, body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hasync::lock::Step;
+
+    fn record(role: NodeRole) -> StateRecord {
+        let mut r: StateRecord =
+            serde_json::from_str(r#"{"node": "okm1", "role": "primary", "epoch": 3}"#).unwrap();
+        r.role = role;
+        r
+    }
+
+    fn app(up: bool, writable: Option<bool>) -> AppState {
+        AppState {
+            up,
+            writable,
+            detail: "probed".into(),
+        }
+    }
+
+    fn activity(service: ServiceStep) -> Activity {
+        Activity {
+            holder: "host=h pid=1 started=now".into(),
+            step: Some(Step {
+                step: "cycle: final file pass".into(),
+                service,
+            }),
+        }
+    }
+
+    fn answer(
+        role: NodeRole,
+        want: NodeRole,
+        a: Option<&Activity>,
+        app: Option<&AppState>,
+    ) -> (u16, String) {
+        View {
+            record: &record(role),
+            activity: a,
+            app,
+            has_service: true,
+        }
+        .role_answer(want)
+    }
+
+    #[test]
+    fn primary_is_200_only_while_its_application_serves_writable() {
+        use NodeRole::*;
+        let up_rw = app(true, Some(true));
+        assert_eq!(answer(Primary, Primary, None, Some(&up_rw)).0, 200);
+        assert_eq!(answer(Standby, Primary, None, Some(&up_rw)).0, 503);
+        let (code, body) = answer(Primary, Primary, None, Some(&app(false, None)));
+        assert_eq!(code, 503);
+        assert!(body.contains("the application is down (probed)"), "{body}");
+        let (code, body) = answer(Primary, Primary, None, Some(&app(true, Some(false))));
+        assert_eq!(code, 503);
+        assert!(body.contains("runs read-only"), "{body}");
+        // Mode unknown (no writable_check): up is enough.
+        assert_eq!(
+            answer(Primary, Primary, None, Some(&app(true, None))).0,
+            200
+        );
+        // A standby must run read-only.
+        assert_eq!(
+            answer(Standby, Standby, None, Some(&app(true, Some(false)))).0,
+            200
+        );
+        assert_eq!(answer(Standby, Standby, None, Some(&up_rw)).0, 503);
+    }
+
+    #[test]
+    fn a_run_that_holds_the_service_down_is_503_naming_its_step() {
+        use NodeRole::*;
+        let down = activity(ServiceStep::Down);
+        let (code, body) = answer(Primary, Primary, Some(&down), None);
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("cycle: final file pass: hasync has its service stopped"),
+            "{body}"
+        );
+        // Released: the probes decide, and the step is still named.
+        let starting = activity(ServiceStep::Starting);
+        let (code, body) = answer(
+            Primary,
+            Primary,
+            Some(&starting),
+            Some(&app(true, Some(true))),
+        );
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("cycle: final file pass"), "{body}");
+        let (code, _) = answer(Primary, Primary, Some(&starting), Some(&app(false, None)));
+        assert_eq!(code, 503);
+    }
+
+    #[test]
+    fn without_a_service_the_record_decides() {
+        let v = View {
+            record: &record(NodeRole::Primary),
+            activity: None,
+            app: None,
+            has_service: false,
+        };
+        assert_eq!(v.role_answer(NodeRole::Primary).0, 200);
+        assert_eq!(v.role_answer(NodeRole::Standby).0, 503);
+        assert_eq!(v.health().0, 200);
+    }
+}

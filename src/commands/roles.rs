@@ -101,13 +101,14 @@ fn problems(config: &Config, nodes: &[NodeStatus], max_age: Duration) -> Vec<(u8
                 out.push((1, s));
             }
             let p = reachable[r.primary];
-            // A run that stopped the service on purpose says so; outside
-            // one, users get what the probes see.
+            // A run that stops and starts the service on purpose says so
+            // (and reports its own failures); outside one, users get what
+            // the probes see.
             let in_run = |n: &NodeStatus| {
                 n.activity
                     .as_ref()
                     .and_then(|a| a.step.as_ref())
-                    .is_some_and(|s| s.service == hasync::lock::ServiceStep::Down)
+                    .is_some_and(|s| s.service != hasync::lock::ServiceStep::Untouched)
             };
             if let Some(app) = p.application.as_ref().filter(|_| !in_run(p)) {
                 if !app.up {

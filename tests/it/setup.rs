@@ -127,19 +127,7 @@ timeout = "30s"
                 stop = n.app.stop_cmd(),
                 start = n.app.start_cmd(),
                 status = n.app.status_cmd(),
-                checks = format!(
-                    "{}{}",
-                    if self.health_url {
-                        format!("health_url = {:?}\n", n.app.url())
-                    } else {
-                        String::new()
-                    },
-                    if self.writable_check {
-                        format!("writable_check = {:?}\n", n.app.writable_cmd())
-                    } else {
-                        String::new()
-                    }
-                ),
+                checks = self.checks(&n.app),
             ));
             if let Some(engine) = self.engine {
                 let port = if engine == "mysql" {
@@ -161,6 +149,18 @@ timeout = "30s"
                 self.password_file.display(),
                 self.readonly_sql
             ));
+        }
+        s
+    }
+
+    /// The service's `health_url` and `writable_check` lines for `app`.
+    fn checks(&self, app: &crate::harness::FakeApp) -> String {
+        let mut s = String::new();
+        if self.health_url {
+            s += &format!("health_url = {:?}\n", app.url());
+        }
+        if self.writable_check {
+            s += &format!("writable_check = {:?}\n", app.writable_cmd());
         }
         s
     }
