@@ -108,13 +108,6 @@ impl Prober {
                 if at.elapsed() < self.cache || *at >= asked {
                     return answer.clone();
                 }
-                // While a newer one is on its way, the last answer serves
-                // until it is older than the cache and the deadline: no
-                // request waits for a probe, and a probe that hangs turns
-                // into "down" within that time.
-                if st.running && at.elapsed() < self.cache + self.timeout {
-                    return answer.clone();
-                }
             }
             if !st.running {
                 st.running = true;
@@ -126,6 +119,16 @@ impl Prober {
                     st.running = false;
                     me.done.notify_all();
                 });
+            }
+            // While a newer answer is on its way, the last one serves until
+            // it is older than the cache and the deadline together: no
+            // request waits for a probe (a load balancer's check has a
+            // short timeout of its own), and a probe that hangs turns into
+            // "down" within that time.
+            if let Some((at, answer)) = &st.last {
+                if at.elapsed() < self.cache + self.timeout {
+                    return answer.clone();
+                }
             }
             let left = (asked + self.timeout).saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -532,6 +532,14 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             "  [{}] state record: role primary, epoch {new_epoch}\n",
             t.node
         );
+        for &i in &old_primaries {
+            let o = &nodes[i];
+            if o.reachable {
+                s += &format!("  [{}] stop the service, run readonly_sql, state record: fenced at epoch {new_epoch}\n", o.node);
+            } else {
+                s += &format!("  [{}] unreachable: it will be fenced when it is seen again (any cycle refuses it)\n", o.node);
+            }
+        }
         // In the order it runs: the application reads its read-only flag
         // at startup, so it is stopped before the SQL and started after.
         let svc = tnode.service.as_ref();
@@ -554,14 +562,6 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
                     "  [{}] (no writable_check: whether the application accepts writes is not checked)\n",
                     t.node
                 ),
-            }
-        }
-        for &i in &old_primaries {
-            let o = &nodes[i];
-            if o.reachable {
-                s += &format!("  [{}] stop the service, run readonly_sql, state record: fenced at epoch {new_epoch}\n", o.node);
-            } else {
-                s += &format!("  [{}] unreachable: it will be fenced when it is seen again (any cycle refuses it)\n", o.node);
             }
         }
         if let Some(h) = &config.hooks.post_promote {
@@ -618,6 +618,23 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             svc.map(|s| format!("`{}`", s.start)).unwrap_or_else(|| "start the application".into()),
         )
     };
+    // The old primary is fenced before the new one takes writes: a forced
+    // promote while it still runs would otherwise leave two writable
+    // primaries (a load balancer sends users to both) until the fence.
+    for &i in &old_primaries {
+        let o = &config.nodes[i];
+        if !nodes[i].reachable {
+            log.warn(&format!(
+                "{}: unreachable, not fenced now; any cycle run from or to it refuses and fences it when it is back",
+                o.name
+            ));
+            continue;
+        }
+        match fence(o, new_epoch, &t.node) {
+            Ok(()) => log.info(&format!("{}: fenced (service stopped, read-only)", o.name)),
+            Err(e) => log.warn(&format!("{}: could not fence it: {e}", o.name)),
+        }
+    }
     step(&mut lock, "stopping the read-only application", true);
     hasync::service::stop(&*tt, tnode)
         .map_err(|e| anyhow!("{e}; {}", manual("its application still runs read-only")))?;
@@ -651,20 +668,6 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             ""
         }
     ));
-    for &i in &old_primaries {
-        let o = &config.nodes[i];
-        if !nodes[i].reachable {
-            log.warn(&format!(
-                "{}: unreachable, not fenced now; any cycle run from or to it refuses and fences it when it is back",
-                o.name
-            ));
-            continue;
-        }
-        match fence(o, new_epoch, &t.node) {
-            Ok(()) => log.info(&format!("{}: fenced (service stopped, read-only)", o.name)),
-            Err(e) => log.warn(&format!("{}: could not fence it: {e}", o.name)),
-        }
-    }
     if let Err(e) = promote_hook(&config, false, &t.node, new_epoch, "ok") {
         log.warn(&format!("post_promote: {e}"));
     }

@@ -17,6 +17,7 @@ mod doctor;
 mod faults;
 mod faults_data;
 mod filter_rsync;
+mod haproxy;
 mod harness;
 mod harness_selftest;
 mod openssh;

@@ -20,7 +20,7 @@ const READWRITE: &str =
 /// The applications behave like OpenKM: each reads `system.readonly` from
 /// its node's database once, at startup, and hasync asks the running one
 /// its mode (`writable_check`).
-fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf, AppsStopped) {
+pub(crate) fn roles_setup(label: &str, db: &str) -> (Setup, PathBuf, AppsStopped) {
     let mut s = cycle_setup(label, db);
     s.writable_check = true;
     for (i, n) in cluster().nodes.iter().enumerate() {
