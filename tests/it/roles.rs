@@ -381,6 +381,22 @@ fn watch(port: u16, i: usize, during: impl FnOnce()) -> Vec<Sample> {
     sampler.join().unwrap()
 }
 
+/// The samples as a table, one line each, for messages.
+fn table_of(samples: &[Sample]) -> String {
+    samples
+        .iter()
+        .map(|x| {
+            format!(
+                "{:>6} ms  /primary {}  app {:<10} {}\n",
+                x.ms,
+                x.code,
+                x.app.as_deref().unwrap_or("DOWN"),
+                x.body
+            )
+        })
+        .collect()
+}
+
 /// What a load balancer is told follows the application, not only the
 /// record: /primary is 200 only while the node is the primary AND its
 /// application serves writable; during a cycle it turns 503 (naming the
@@ -438,18 +454,7 @@ fn the_health_endpoint_follows_the_application() {
             "{p}: a row on the mirror without its file"
         );
     }
-    let table: String = samples
-        .iter()
-        .map(|x| {
-            format!(
-                "{:>6} ms  /primary {}  app {:<10} {}\n",
-                x.ms,
-                x.code,
-                x.app.as_deref().unwrap_or("DOWN"),
-                x.body
-            )
-        })
-        .collect();
+    let table = table_of(&samples);
     eprintln!("one cycle through the health endpoint:\n{table}");
     let down: Vec<usize> = (0..samples.len())
         .filter(|&k| samples[k].app.is_none())
@@ -532,18 +537,7 @@ fn the_health_endpoint_follows_the_application() {
             .run()
             .code(0);
     });
-    let table: String = samples
-        .iter()
-        .map(|x| {
-            format!(
-                "{:>6} ms  /primary {}  app {:<10} {}\n",
-                x.ms,
-                x.code,
-                x.app.as_deref().unwrap_or("DOWN"),
-                x.body
-            )
-        })
-        .collect();
+    let table = table_of(&samples);
     eprintln!("a promote through the health endpoint:\n{table}");
     for x in &samples {
         if x.code == 200 {
