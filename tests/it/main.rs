@@ -19,6 +19,7 @@ mod filter_rsync;
 mod harness;
 mod harness_selftest;
 mod openssh;
+mod partition;
 mod roles;
 mod setup;
 mod sync;

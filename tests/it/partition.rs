@@ -1,0 +1,238 @@
+//! A silent network partition between hasync and the mirror while both
+//! services are stopped (issue 14, item 3): every packet to and from the
+//! mirror's sshd is dropped with nftables (a failed link or a firewall, not
+//! a closed connection), in the final file pass (the agent stream) or in
+//! the database phase (the dump stream and the control connections).
+//!
+//! What a sysadmin needs: the primary's service runs again within 30 s of
+//! the mirror going silent, whatever TCP would take to notice; hasync exits
+//! 1 naming the node that went silent and the step; once the link heals,
+//! the next cycle converges.
+//!
+//! The drop matches only this test process's mirror sshd port on
+//! 127.0.0.3, in a table of its own (`hasync_it_<pid>`), removed by a Drop
+//! guard: other test processes on the machine are not affected.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::cmd::hasync;
+use crate::cycle::{cycle_setup, engine_cycle_setup, record, AppsStopped};
+use crate::db::{drop_dbs, staging_rows, Engine};
+use crate::harness::cluster;
+use crate::setup::{edit_toml, Setup};
+use crate::sync::assert_same_tree;
+
+/// The issue's bound: the primary runs again this soon after the mirror
+/// went silent.
+const PRIMARY_BACK_WITHIN: Duration = Duration::from_secs(30);
+/// How long the test keeps the link down at most while it waits for the
+/// primary (long enough to measure the unfixed code, which took 126 s).
+const PARTITION_MAX: Duration = Duration::from_secs(200);
+const LONG: Duration = Duration::from_secs(120);
+
+fn nft(args: &str) -> std::process::Output {
+    Command::new("nft")
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("hasync-it: cannot run `nft` ({e}); install nftables to run the partition tests")
+        })
+}
+
+/// Drops every packet to and from `ip:port` (both directions, as a dead
+/// link does) until dropped.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    fn start(ip: &str, port: u16) -> Partition {
+        let table = format!("hasync_it_{}", std::process::id());
+        let p = Partition { table };
+        let t = &p.table;
+        for cmd in [
+            format!("add table inet {t}"),
+            format!("add chain inet {t} out {{ type filter hook output priority 0 ; policy accept ; }}"),
+            format!("add rule inet {t} out ip daddr {ip} tcp dport {port} drop"),
+            format!("add rule inet {t} out ip saddr {ip} tcp sport {port} drop"),
+        ] {
+            let out = nft(&cmd);
+            assert!(
+                out.status.success(),
+                "nft {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        p
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        // Never panic here (it may run while unwinding).
+        let _ = nft(&format!("delete table inet {}", self.table));
+    }
+}
+
+/// Where the partition strikes.
+#[derive(Clone, Copy, PartialEq)]
+enum Step {
+    /// A 256 MiB file is on its way to the mirror (the agent stream).
+    FinalFilePass,
+    /// Rows are arriving in the mirror's staging database (the dump
+    /// stream, the tunnels of the control connections).
+    Database,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::FinalFilePass => "final file pass",
+            Step::Database => "database",
+        }
+    }
+}
+
+fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
+    let label = format!(
+        "partition-{}-{}",
+        step.name().replace(' ', "-"),
+        ssh_client.unwrap_or("auto")
+    );
+    let db = format!(
+        "okmdb_part_{}_{}",
+        if step == Step::Database { "db" } else { "files" },
+        ssh_client.unwrap_or("auto")
+    );
+    let c = cluster();
+    let mut s: Setup = match step {
+        Step::FinalFilePass => cycle_setup(&label, &db),
+        Step::Database => engine_cycle_setup(Engine::Mysql, &label, &db, 300_000),
+    };
+    s.ssh_client = ssh_client;
+    let mut text = s.config_text();
+    if step == Step::FinalFilePass {
+        // The standby's stop, the first of the quiesce, writes a big file on
+        // the primary: the final pass has it to send.
+        let big = s.roots[0].join("repository/big.bin");
+        let stop = format!(
+            "head -c 256M /dev/urandom > {}; {}",
+            big.display(),
+            c.nodes[1].app.stop_cmd()
+        );
+        text = edit_toml(
+            &text,
+            &[("nodes.okm2.service", "stop", Some(format!("{stop:?}")))],
+        );
+    }
+    let cfg = s.write();
+    std::fs::write(&cfg, &text).unwrap();
+
+    let _apps = AppsStopped::start_both();
+    let mut running = hasync().config(&cfg).args(["sync"]).spawn().follow();
+    running.wait_for(&format!("BEGIN {}", step.name()), LONG);
+    // Wait until the step really moves bytes to the mirror.
+    let t0 = Instant::now();
+    let moving = || match step {
+        Step::FinalFilePass => std::fs::read_dir(s.roots[1].join("repository"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".big.bin."))
+            })
+            .unwrap_or(false),
+        Step::Database => staging_rows(Engine::Mysql, &format!("{db}__hasync_new")) > 0,
+    };
+    while !moving() {
+        assert!(
+            !running.has_exited() && t0.elapsed() < LONG,
+            "the {} never moved bytes to the mirror",
+            step.name()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!c.nodes[0].app.is_running(), "the primary is stopped");
+
+    let mirror = &c.nodes[1].sshd;
+    let partition = Partition::start(&mirror.ip, mirror.port);
+    let dropped = Instant::now();
+    while !c.nodes[0].app.is_running() && dropped.elapsed() < PARTITION_MAX {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let primary_back = dropped.elapsed();
+    eprintln!(
+        "partition in the {} ({}): the primary ran again {:.1} s after the drop",
+        step.name(),
+        ssh_client.unwrap_or("auto"),
+        primary_back.as_secs_f64()
+    );
+    // hasync ends on its own while the link is still down: it gives up on
+    // the silent mirror instead of waiting for it.
+    let exit_deadline = Instant::now() + LONG;
+    while !running.has_exited() && Instant::now() < exit_deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let exited_in_partition = running.has_exited();
+    let ended = dropped.elapsed();
+    drop(partition);
+    let run = running.wait();
+    eprintln!(
+        "partition in the {}: hasync exited {:.1} s after the drop; its stderr:\n{}",
+        step.name(),
+        ended.as_secs_f64(),
+        run.stderr
+    );
+    assert!(
+        primary_back < PRIMARY_BACK_WITHIN,
+        "the primary ran again only {:.1} s after the mirror went silent (bound: {} s):\n{}",
+        primary_back.as_secs_f64(),
+        PRIMARY_BACK_WITHIN.as_secs(),
+        run.stderr
+    );
+    assert!(
+        exited_in_partition,
+        "hasync was still running {:.0} s after the drop:\n{}",
+        ended.as_secs_f64(),
+        run.stderr
+    );
+    run.code(1)
+        .stderr_has(&format!("cycle failed: {}: ", step.name()))
+        .stderr_has("node okm2: no answer for")
+        .stderr_has("okm1: service started");
+    let reason = record(&s, 0)["last_cycle"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains(step.name()) && reason.contains("okm2"),
+        "the primary's record: {reason}"
+    );
+
+    // The link is back: the next cycle converges, both applications run.
+    let next = hasync().config(&s.write()).args(["sync"]).run();
+    next.code(0);
+    assert_same_tree(&s.roots[0], &s.roots[1]);
+    for n in &c.nodes {
+        assert!(n.app.is_running(), "{}: the application is not running", n.name);
+    }
+    for i in 0..2 {
+        assert_eq!(record(&s, i)["last_cycle"]["outcome"], "ok");
+    }
+    drop_dbs(Engine::Mysql, 0, &db);
+    drop_dbs(Engine::Mysql, 1, &db);
+}
+
+#[test]
+fn a_silent_mirror_in_the_final_file_pass_restarts_the_primary_within_30s() {
+    partition_while_stopped(Step::FinalFilePass, None);
+}
+
+#[test]
+fn a_silent_mirror_in_the_final_file_pass_libssh2() {
+    partition_while_stopped(Step::FinalFilePass, Some("libssh2"));
+}
+
+#[test]
+fn a_silent_mirror_in_the_database_phase_restarts_the_primary_within_30s() {
+    partition_while_stopped(Step::Database, None);
+}
