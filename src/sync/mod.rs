@@ -558,7 +558,11 @@ pub fn run(
         return Ok(Outcome { plan, summary });
     }
     let t1 = Instant::now();
-    execute(&mut src, &mut dst, &plan, &mut summary, progress)?;
+    execute(&mut src, &mut dst, &plan, &mut summary, progress).map_err(|e| match &e {
+        SyncError::Connection { node, .. } if *node == dst.node => explain(&mut dst, e),
+        SyncError::Connection { node, .. } if *node == src.node => explain(&mut src, e),
+        _ => e,
+    })?;
     summary.transfer_secs = t1.elapsed().as_secs_f64();
     close(src, dst, &mut summary)?;
     Ok(Outcome { plan, summary })
@@ -567,6 +571,25 @@ pub fn run(
 /// A lost connection says little; the agent's exit status and stderr say why.
 fn explain(side: &mut Side, e: SyncError) -> SyncError {
     if let SyncError::Connection { step, .. } = &e {
+        // Our ends of its stream first: an agent still alive (garbage on
+        // the wire rather than a dead link) then sees EOF and exits, so
+        // waiting for it cannot hang.
+        let writer = std::mem::replace(
+            &mut side.writer,
+            BufWriter::new(Counted {
+                inner: Box::new(std::io::sink()),
+                count: Arc::default(),
+            }),
+        );
+        // Unflushed: a write into a stream nobody reads could block.
+        drop(writer.into_parts());
+        drop(std::mem::replace(
+            &mut side.reader,
+            BufReader::new(Counted {
+                inner: Box::new(std::io::empty()),
+                count: Arc::default(),
+            }),
+        ));
         let finish = std::mem::replace(&mut side.finish, Box::new(|| None));
         if let Some(why) = finish() {
             return SyncError::Agent {

@@ -53,7 +53,9 @@ impl Partition {
         let t = &p.table;
         for cmd in [
             format!("add table inet {t}"),
-            format!("add chain inet {t} out {{ type filter hook output priority 0 ; policy accept ; }}"),
+            format!(
+                "add chain inet {t} out {{ type filter hook output priority 0 ; policy accept ; }}"
+            ),
             format!("add rule inet {t} out ip daddr {ip} tcp dport {port} drop"),
             format!("add rule inet {t} out ip saddr {ip} tcp sport {port} drop"),
         ] {
@@ -102,7 +104,11 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
     );
     let db = format!(
         "okmdb_part_{}_{}",
-        if step == Step::Database { "db" } else { "files" },
+        if step == Step::Database {
+            "db"
+        } else {
+            "files"
+        },
         ssh_client.unwrap_or("auto")
     );
     let c = cluster();
@@ -213,7 +219,11 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
     next.code(0);
     assert_same_tree(&s.roots[0], &s.roots[1]);
     for n in &c.nodes {
-        assert!(n.app.is_running(), "{}: the application is not running", n.name);
+        assert!(
+            n.app.is_running(),
+            "{}: the application is not running",
+            n.name
+        );
     }
     for i in 0..2 {
         assert_eq!(record(&s, i)["last_cycle"]["outcome"], "ok");
