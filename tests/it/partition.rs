@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::cmd::hasync;
 use crate::cycle::{cycle_setup, engine_cycle_setup, record, AppsStopped};
-use crate::db::{drop_dbs, staging_rows, Engine};
+use crate::db::{admin, drop_dbs, staging_rows, Engine};
 use crate::harness::cluster;
 use crate::setup::{edit_toml, Setup};
 use crate::sync::assert_same_tree;
@@ -85,38 +85,47 @@ enum Step {
     /// Rows are arriving in the mirror's staging database (the dump
     /// stream, the tunnels of the control connections).
     Database,
+    /// A `readonly_sql` statement runs in the mirror's staging database: a
+    /// control connection (the `mysql` crate, through a tunnel) waits for
+    /// its answer.
+    ControlConnection,
 }
 
 impl Step {
+    /// The cycle's step, as hasync names it.
     fn name(self) -> &'static str {
         match self {
             Step::FinalFilePass => "final file pass",
-            Step::Database => "database",
+            Step::Database | Step::ControlConnection => "database",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Step::FinalFilePass => "files",
+            Step::Database => "db",
+            Step::ControlConnection => "sql",
         }
     }
 }
 
+/// The statement the control connection waits on.
+const SLOW_SQL: &str = "DO SLEEP(60)";
+
 fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
-    let label = format!(
-        "partition-{}-{}",
-        step.name().replace(' ', "-"),
-        ssh_client.unwrap_or("auto")
-    );
-    let db = format!(
-        "okmdb_part_{}_{}",
-        if step == Step::Database {
-            "db"
-        } else {
-            "files"
-        },
-        ssh_client.unwrap_or("auto")
-    );
+    let client = ssh_client.unwrap_or("auto");
+    let label = format!("partition-{}-{client}", step.label());
+    let db = format!("okmdb_part_{}_{client}", step.label());
     let c = cluster();
     let mut s: Setup = match step {
-        Step::FinalFilePass => cycle_setup(&label, &db),
+        Step::FinalFilePass | Step::ControlConnection => cycle_setup(&label, &db),
         Step::Database => engine_cycle_setup(Engine::Mysql, &label, &db, 300_000),
     };
     s.ssh_client = ssh_client;
+    let readonly_sql = s.readonly_sql.clone();
+    if step == Step::ControlConnection {
+        s.readonly_sql.push(SLOW_SQL.into());
+    }
     let mut text = s.config_text();
     if step == Step::FinalFilePass {
         // The standby's stop, the first of the quiesce, writes a big file on
@@ -138,6 +147,17 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
     let _apps = AppsStopped::start_both();
     let mut running = hasync().config(&cfg).args(["sync"]).spawn().follow();
     running.wait_for(&format!("BEGIN {}", step.name()), LONG);
+    let slow_sql_runs = || {
+        let n = admin(
+            Engine::Mysql,
+            1,
+            "mysql",
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = '{SLOW_SQL}'"
+            ),
+        );
+        n.trim() != "0"
+    };
     // Wait until the step really moves bytes to the mirror.
     let t0 = Instant::now();
     let moving = || match step {
@@ -148,6 +168,7 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
             })
             .unwrap_or(false),
         Step::Database => staging_rows(Engine::Mysql, &format!("{db}__hasync_new")) > 0,
+        Step::ControlConnection => slow_sql_runs(),
     };
     while !moving() {
         assert!(
@@ -215,6 +236,7 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
     );
 
     // The link is back: the next cycle converges, both applications run.
+    s.readonly_sql = readonly_sql;
     let next = hasync().config(&s.write()).args(["sync"]).run();
     next.code(0);
     assert_same_tree(&s.roots[0], &s.roots[1]);
@@ -245,4 +267,9 @@ fn a_silent_mirror_in_the_final_file_pass_libssh2() {
 #[test]
 fn a_silent_mirror_in_the_database_phase_restarts_the_primary_within_30s() {
     partition_while_stopped(Step::Database, None);
+}
+
+#[test]
+fn a_silent_mirror_under_a_database_control_connection() {
+    partition_while_stopped(Step::ControlConnection, None);
 }
