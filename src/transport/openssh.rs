@@ -834,6 +834,10 @@ mod tests {
         assert!(has(["-o", "GlobalKnownHostsFile=/dev/null"]));
         assert!(has(["-o", "IdentityFile=\"/etc/hasync/id 50%%\""]));
         assert!(has(["-o", "ConnectTimeout=3"]));
+        // 5 intervals of 2 s without a packet: the 10 s of SILENCE_TIMEOUT.
+        assert!(has(["-o", "ServerAliveInterval=2"]));
+        assert!(has(["-o", "ServerAliveCountMax=4"]));
+        assert!(has(["-o", "LogLevel=INFO"]));
         assert!(has(["-p", "2222"]));
         assert!(has(["-l", "root"]));
         assert_eq!(&args[args.len() - 3..], ["--", "127.0.0.3", "echo hi"]);

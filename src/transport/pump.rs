@@ -35,10 +35,13 @@
 //! counts the answers, so the pump asks the kernel instead (`TCP_INFO`: when
 //! the last segment from the node arrived, data or acknowledgement). After
 //! [`super::KEEPALIVE_EVERY`] of quiet a keepalive (which sshd answers)
-//! goes out; after [`super::SILENCE_TIMEOUT`] without one packet back the
-//! pump fails with [`PumpError::Silent`], like `ssh`'s `ServerAliveCountMax`.
-//! A node that is busy (a long query, a slow disk) still answers: sshd
-//! replies to keepalives whatever its commands do.
+//! goes out; after [`super::SILENCE_TIMEOUT`] without one packet back, or
+//! with a keepalive that long unanswered (the node's kernel acknowledges,
+//! its sshd says nothing), the pump fails with [`PumpError::Silent`], like
+//! `ssh`'s `ServerAliveCountMax`. While the pump pushes bulk data it cannot
+//! send keepalives; the node's acknowledgements count then. A node that is
+//! busy (a long query, a slow disk) still answers: sshd replies to
+//! keepalives whatever its commands do.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -777,6 +780,8 @@ pub(crate) struct Pump {
     /// was quiet without anyone asking it anything.
     started: Instant,
     last_keepalive: Instant,
+    /// The first keepalive sent since the node last sent data.
+    unanswered: Option<Instant>,
 }
 
 impl Pump {
@@ -796,18 +801,30 @@ impl Pump {
             last_io: Instant::now(),
             started: Instant::now(),
             last_keepalive: Instant::now(),
+            unanswered: None,
         }
     }
 
-    /// How long the node has sent nothing at all (no data, no
-    /// acknowledgement), counted from this pump's start at the earliest.
-    /// Without `TCP_INFO`: since the pump last moved anything.
-    fn quiet(&self, now: Instant) -> Duration {
+    /// How long the node has not answered: nothing at all arrived (no
+    /// data, no acknowledgement), or a keepalive went unanswered (the
+    /// node's kernel acknowledges, but its sshd sends nothing: a hung
+    /// server). Counted from this pump's start at the earliest. Without
+    /// `TCP_INFO`: since the pump last moved anything.
+    fn quiet(&mut self, now: Instant) -> Duration {
         let since_start = now.duration_since(self.started);
-        match since_heard(self.sock) {
-            Some(d) => d.min(since_start),
-            None => now.duration_since(self.last_io),
+        let Some(heard) = since_heard(self.sock) else {
+            return now.duration_since(self.last_io);
+        };
+        if let Some(asked) = self.unanswered {
+            if heard.data < now.duration_since(asked) {
+                self.unanswered = None;
+            }
         }
+        let mut quiet = heard.any.min(since_start);
+        if let Some(asked) = self.unanswered {
+            quiet = quiet.max(now.duration_since(asked));
+        }
+        quiet
     }
 
     /// Drive all transfers until the bridges are done (no forwarder), the
@@ -875,6 +892,7 @@ impl Pump {
             {
                 send_keepalive(&self.session)?;
                 self.last_keepalive = now;
+                self.unanswered.get_or_insert(now);
             }
             // Until the next keepalive may be due; never a busy spin.
             let until_keepalive = keepalive_every
@@ -956,9 +974,16 @@ fn check_ctrl(
     }
 }
 
-/// How long ago the last segment from the peer of TCP socket `sock`
-/// arrived (data or a bare acknowledgement), from the kernel's `TCP_INFO`.
-fn since_heard(sock: RawFd) -> Option<Duration> {
+/// How long ago the peer of a TCP socket last sent something.
+struct Heard {
+    /// Data (an SSH packet: the answer to a keepalive, say).
+    data: Duration,
+    /// Data or a bare acknowledgement.
+    any: Duration,
+}
+
+/// [`Heard`] for TCP socket `sock`, from the kernel's `TCP_INFO`.
+fn since_heard(sock: RawFd) -> Option<Heard> {
     // SAFETY: all-zero bytes are a valid `tcp_info`.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -976,8 +1001,11 @@ fn since_heard(sock: RawFd) -> Option<Duration> {
     if rc != 0 || (len as usize) < 64 {
         return None;
     }
-    let ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
-    Some(Duration::from_millis(ms.into()))
+    let ms = |v: u32| Duration::from_millis(v.into());
+    Some(Heard {
+        data: ms(info.tcpi_last_data_recv),
+        any: ms(info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv)),
+    })
 }
 
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
@@ -1018,6 +1046,29 @@ mod tests {
         b.consume(3);
         assert!(b.is_empty());
         assert_eq!(b.space().len(), 8);
+    }
+
+    #[test]
+    fn the_kernel_says_when_the_peer_last_sent_something() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).unwrap();
+        let fresh = since_heard(client.as_raw_fd()).expect("TCP_INFO");
+        assert!(fresh.data < Duration::from_millis(200), "{:?}", fresh.data);
+        std::thread::sleep(Duration::from_millis(300));
+        let later = since_heard(client.as_raw_fd()).unwrap();
+        assert!(later.data >= Duration::from_millis(250), "{:?}", later.data);
+        assert!(later.any <= later.data);
+        // A bare acknowledgement counts as "any", not as data.
+        client.write_all(b"y").unwrap();
+        server.read_exact(&mut byte).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let acked = since_heard(client.as_raw_fd()).unwrap();
+        assert!(acked.any < Duration::from_millis(250), "{:?}", acked.any);
+        assert!(acked.data >= Duration::from_millis(350), "{:?}", acked.data);
     }
 
     #[test]

@@ -273,3 +273,65 @@ fn a_silent_mirror_in_the_database_phase_restarts_the_primary_within_30s() {
 fn a_silent_mirror_under_a_database_control_connection() {
     partition_while_stopped(Step::ControlConnection, None);
 }
+
+/// The other side of the bound: a node that is quiet but answers (a command
+/// that prints nothing for longer than the silence bound, an idle tunnel)
+/// is never given up on, on either SSH client.
+#[test]
+fn a_quiet_but_live_node_is_not_given_up_on() {
+    use hasync::transport::{self, openssh::spawn_openssh, Address, Endpoint};
+    use std::io::Read;
+
+    let _shared = Setup::new("partition-quiet");
+    let c = cluster();
+    let node = c.node("okm2");
+    let ep = Endpoint {
+        node: node.name.clone(),
+        address: Address::Ssh {
+            host: node.ip.clone(),
+            port: node.sshd.port,
+            user: "root".into(),
+            identity_file: Some(c.identity_file.clone()),
+            known_hosts: c.known_hosts.clone(),
+        },
+        connect_timeout: Duration::from_secs(10),
+    };
+    let quiet = transport::SILENCE_TIMEOUT + Duration::from_secs(4);
+    let cmd = format!("sleep {}; echo done", quiet.as_secs());
+    let t = transport::connect(&ep).unwrap();
+    std::thread::scope(|s| {
+        let exec = s.spawn(|| t.exec(&cmd, &[], None));
+        let spawned = s.spawn(|| {
+            let mut p = t.spawn(&cmd).unwrap();
+            let mut out = String::new();
+            p.stdout.read_to_string(&mut out).unwrap();
+            (out, p.wait())
+        });
+        let openssh = s.spawn(|| {
+            let mut p = spawn_openssh(&ep, &cmd).unwrap();
+            let mut out = String::new();
+            p.stdout.read_to_string(&mut out).unwrap();
+            (out, p.wait())
+        });
+        let tunnel = t.tunnel("127.0.0.1", node.mariadb.port).unwrap();
+        std::thread::sleep(quiet);
+        // The idle tunnel still forwards: MariaDB greets through it.
+        let mut conn = std::net::TcpStream::connect(tunnel.local_addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut greeting = [0u8; 16];
+        let n = conn.read(&mut greeting).unwrap();
+        assert!(
+            n > 4,
+            "no greeting through the idle tunnel: {:?}",
+            tunnel.last_error()
+        );
+
+        let out = exec.join().unwrap().expect("exec of a quiet command");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+        for (name, h) in [("libssh2 spawn", spawned), ("openssh", openssh)] {
+            let (text, end) = h.join().unwrap();
+            assert_eq!(text, "done\n", "{name}");
+            assert_eq!(end.expect(name).status, 0, "{name}");
+        }
+    });
+}
