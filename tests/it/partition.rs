@@ -9,6 +9,10 @@
 //! 1 naming the node that went silent and the step; once the link heals,
 //! the next cycle converges.
 //!
+//! A frozen sshd (SIGSTOP: the node's kernel acknowledges, nothing
+//! answers) is the same silence to hasync and gets the same bound; a node
+//! that is quiet but answers is never given up on.
+//!
 //! The drop matches only this test process's mirror sshd port on
 //! 127.0.0.3, in a table of its own (`hasync_it_<pid>`), removed by a Drop
 //! guard: other test processes on the machine are not affected.
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::cmd::hasync;
 use crate::cycle::{cycle_setup, engine_cycle_setup, record, AppsStopped};
 use crate::db::{admin, drop_dbs, staging_rows, Engine};
-use crate::harness::cluster;
+use crate::harness::{cluster, proc};
 use crate::setup::{edit_toml, Setup};
 use crate::sync::assert_same_tree;
 
@@ -77,6 +81,46 @@ impl Drop for Partition {
     }
 }
 
+/// Freezes (SIGSTOP) the mirror's sshd and its per-connection processes
+/// until dropped: the node's kernel still acknowledges every packet, but
+/// nothing answers (a hung server rather than a dead link).
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn start(sshd: &crate::harness::Sshd) -> Frozen {
+        let root = sshd.pid().expect("the mirror's sshd runs") as i32;
+        let procs = proc::all_procs();
+        let mut pids = vec![root];
+        pids.extend(
+            proc::descendants(&procs, root)
+                .into_iter()
+                .filter(|&p| proc::proc_info(p).is_some_and(|i| i.comm.starts_with("sshd"))),
+        );
+        for &p in &pids {
+            proc::signal(p, libc::SIGSTOP);
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            // SAFETY: kill(2) with a pid and a signal; no memory involved.
+            unsafe { libc::kill(p, libc::SIGCONT) };
+        }
+    }
+}
+
+/// How the mirror goes silent.
+#[derive(Clone, Copy, PartialEq)]
+enum How {
+    /// Every packet to and from its sshd dropped ([`Partition`]).
+    Dropped,
+    /// Its sshd frozen ([`Frozen`]).
+    Frozen,
+}
+
 /// Where the partition strikes.
 #[derive(Clone, Copy, PartialEq)]
 enum Step {
@@ -112,10 +156,15 @@ impl Step {
 /// The statement the control connection waits on.
 const SLOW_SQL: &str = "DO SLEEP(60)";
 
-fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
+fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>, how: How) {
     let client = ssh_client.unwrap_or("auto");
-    let label = format!("partition-{}-{client}", step.label());
-    let db = format!("okmdb_part_{}_{client}", step.label());
+    let kind = if how == How::Frozen {
+        "frozen"
+    } else {
+        "dropped"
+    };
+    let label = format!("partition-{}-{client}-{kind}", step.label());
+    let db = format!("okmdb_part_{}_{client}_{kind}", step.label());
     let c = cluster();
     let mut s: Setup = match step {
         Step::FinalFilePass | Step::ControlConnection => cycle_setup(&label, &db),
@@ -181,16 +230,18 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
     assert!(!c.nodes[0].app.is_running(), "the primary is stopped");
 
     let mirror = &c.nodes[1].sshd;
-    let partition = Partition::start(&mirror.ip, mirror.port);
+    let partition: Box<dyn std::any::Any> = match how {
+        How::Dropped => Box::new(Partition::start(&mirror.ip, mirror.port)),
+        How::Frozen => Box::new(Frozen::start(mirror)),
+    };
     let dropped = Instant::now();
     while !c.nodes[0].app.is_running() && dropped.elapsed() < PARTITION_MAX {
         std::thread::sleep(Duration::from_millis(50));
     }
     let primary_back = dropped.elapsed();
     eprintln!(
-        "partition in the {} ({}): the primary ran again {:.1} s after the drop",
+        "partition ({kind}) in the {} ({client}): the primary ran again {:.1} s after the drop",
         step.name(),
-        ssh_client.unwrap_or("auto"),
         primary_back.as_secs_f64()
     );
     // hasync ends on its own while the link is still down: it gives up on
@@ -256,22 +307,29 @@ fn partition_while_stopped(step: Step, ssh_client: Option<&'static str>) {
 
 #[test]
 fn a_silent_mirror_in_the_final_file_pass_restarts_the_primary_within_30s() {
-    partition_while_stopped(Step::FinalFilePass, None);
+    partition_while_stopped(Step::FinalFilePass, None, How::Dropped);
 }
 
 #[test]
 fn a_silent_mirror_in_the_final_file_pass_libssh2() {
-    partition_while_stopped(Step::FinalFilePass, Some("libssh2"));
+    partition_while_stopped(Step::FinalFilePass, Some("libssh2"), How::Dropped);
 }
 
 #[test]
 fn a_silent_mirror_in_the_database_phase_restarts_the_primary_within_30s() {
-    partition_while_stopped(Step::Database, None);
+    partition_while_stopped(Step::Database, None, How::Dropped);
 }
 
 #[test]
 fn a_silent_mirror_under_a_database_control_connection() {
-    partition_while_stopped(Step::ControlConnection, None);
+    partition_while_stopped(Step::ControlConnection, None, How::Dropped);
+}
+
+/// A hung mirror (its sshd stopped) rather than a dead link: its kernel
+/// acknowledges, nothing answers the keepalives.
+#[test]
+fn a_frozen_mirror_sshd_in_the_final_file_pass_libssh2() {
+    partition_while_stopped(Step::FinalFilePass, Some("libssh2"), How::Frozen);
 }
 
 /// The other side of the bound: a node that is quiet but answers (a command
