@@ -96,8 +96,9 @@ const SERVER_ALIVE_INTERVAL: u32 = super::KEEPALIVE_EVERY.as_secs() as u32;
 const SERVER_ALIVE_COUNT_MAX: u32 =
     (super::SILENCE_TIMEOUT.as_secs() / super::KEEPALIVE_EVERY.as_secs()) as u32 - 1;
 /// Bound for the steps after the TCP connect (key exchange, authentication,
-/// starting the command), as the libssh2 transport's MIN_OP_TIMEOUT.
-const MIN_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// starting the command), as the libssh2 transport's MIN_OP_TIMEOUT: a node
+/// that answers does all that in well under a second.
+const MIN_OP_TIMEOUT: Duration = super::SILENCE_TIMEOUT;
 /// Bound for the second connection that kills a remote process group.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much stderr may come before the pgid marker (ssh warnings, login
