@@ -219,7 +219,10 @@ impl Conn {
                         "`{agent_path}` not found or not executable on {name}: install hasync {} there (same architecture), or set agent_path",
                         crate::version::VERSION
                     )),
-                    Ok(out) => Some(format!("agent exited with status {}: {}", out.status, out.stderr_tail())),
+                    Ok(out) => Some(match out.stderr_tail() {
+                        tail if tail.is_empty() => format!("agent exited with status {}", out.status),
+                        tail => format!("agent exited with status {}: {tail}", out.status),
+                    }),
                     Err(e) => Some(e.to_string()),
                 }
             }),
@@ -559,13 +562,37 @@ pub fn run(
     }
     let t1 = Instant::now();
     execute(&mut src, &mut dst, &plan, &mut summary, progress).map_err(|e| match &e {
-        SyncError::Connection { node, .. } if *node == dst.node => explain(&mut dst, e),
-        SyncError::Connection { node, .. } if *node == src.node => explain(&mut src, e),
+        SyncError::Connection { node, .. } if *node == dst.node => explain_transfer(&mut dst, e),
+        SyncError::Connection { node, .. } if *node == src.node => explain_transfer(&mut src, e),
         _ => e,
     })?;
     summary.transfer_secs = t1.elapsed().as_secs_f64();
     close(src, dst, &mut summary)?;
     Ok(Outcome { plan, summary })
+}
+
+/// A stream lost mid-transfer: the agent's fate said alongside, or instead
+/// when the node went silent (then "closed" would mislead: it was `ssh`
+/// or the pump that gave up on it).
+fn explain_transfer(side: &mut Side, e: SyncError) -> SyncError {
+    let lost = e.to_string();
+    let step = match &e {
+        SyncError::Connection { step, .. } => *step,
+        _ => "",
+    };
+    match explain(side, e) {
+        SyncError::Agent { node, message } if !message.contains("no answer for") => {
+            let lost = lost.strip_prefix(&format!("{node}: ")).unwrap_or(&lost);
+            let why = message
+                .strip_prefix(&format!("{step}: "))
+                .unwrap_or(&message);
+            SyncError::Agent {
+                message: format!("{lost}; {why}"),
+                node,
+            }
+        }
+        other => other,
+    }
 }
 
 /// A lost connection says little; the agent's exit status and stderr say why.
