@@ -1200,10 +1200,29 @@ pub fn replicate(
     on_snapshot: Option<&SnapshotHook<'_>>,
 ) -> Result<DbSummary, StepError> {
     let (src, dst) = open_both(primary, mirror)?;
-    match src.db.engine {
+    let r = match src.db.engine {
         Engine::Mysql => replicate_mysql(&src, &dst, progress, on_snapshot),
         Engine::Postgres => replicate_pg(&src, &dst, progress, on_snapshot),
+    };
+    r.map_err(|e| with_tunnel_cause(e, &[&src, &dst]))
+}
+
+/// A control connection through a tunnel that broke says only "server
+/// disconnected"; the tunnel knows why (the node went silent, say).
+fn with_tunnel_cause(mut e: StepError, ends: &[&End<'_>]) -> StepError {
+    let cause = ends
+        .iter()
+        .find(|end| end.name() == e.node)
+        .and_then(|end| end.tunnel.last_error());
+    if let Some(cause) = cause {
+        // Once is enough: a loader's own stream may have said it already.
+        let said = e.detail.contains(&cause)
+            || (e.detail.contains("no answer for") && cause.contains("no answer for"));
+        if !said {
+            e.detail = format!("{}; the tunnel to its database: {cause}", e.detail);
+        }
     }
+    e
 }
 
 fn summary(src: &End, dst: &End) -> DbSummary {

@@ -219,7 +219,10 @@ impl Conn {
                         "`{agent_path}` not found or not executable on {name}: install hasync {} there (same architecture), or set agent_path",
                         crate::version::VERSION
                     )),
-                    Ok(out) => Some(format!("agent exited with status {}: {}", out.status, out.stderr_tail())),
+                    Ok(out) => Some(match out.stderr_tail() {
+                        tail if tail.is_empty() => format!("agent exited with status {}", out.status),
+                        tail => format!("agent exited with status {}: {tail}", out.status),
+                    }),
                     Err(e) => Some(e.to_string()),
                 }
             }),
@@ -578,15 +581,62 @@ pub fn run(
         return Ok(Outcome { plan, summary });
     }
     let t1 = Instant::now();
-    execute(&mut src, &mut dst, &plan, &mut summary, progress)?;
+    execute(&mut src, &mut dst, &plan, &mut summary, progress).map_err(|e| match &e {
+        SyncError::Connection { node, .. } if *node == dst.node => explain_transfer(&mut dst, e),
+        SyncError::Connection { node, .. } if *node == src.node => explain_transfer(&mut src, e),
+        _ => e,
+    })?;
     summary.transfer_secs = t1.elapsed().as_secs_f64();
     close(src, dst, &mut summary)?;
     Ok(Outcome { plan, summary })
 }
 
+/// A stream lost mid-transfer: the agent's fate said alongside, or instead
+/// when the node went silent (then "closed" would mislead: it was `ssh`
+/// or the pump that gave up on it).
+fn explain_transfer(side: &mut Side, e: SyncError) -> SyncError {
+    let lost = e.to_string();
+    let step = match &e {
+        SyncError::Connection { step, .. } => *step,
+        _ => "",
+    };
+    match explain(side, e) {
+        SyncError::Agent { node, message } if !message.contains("no answer for") => {
+            let lost = lost.strip_prefix(&format!("{node}: ")).unwrap_or(&lost);
+            let why = message
+                .strip_prefix(&format!("{step}: "))
+                .unwrap_or(&message);
+            SyncError::Agent {
+                message: format!("{lost}; {why}"),
+                node,
+            }
+        }
+        other => other,
+    }
+}
+
 /// A lost connection says little; the agent's exit status and stderr say why.
 fn explain(side: &mut Side, e: SyncError) -> SyncError {
     if let SyncError::Connection { step, .. } = &e {
+        // Our ends of its stream first: an agent still alive (garbage on
+        // the wire rather than a dead link) then sees EOF and exits, so
+        // waiting for it cannot hang.
+        let writer = std::mem::replace(
+            &mut side.writer,
+            BufWriter::new(Counted {
+                inner: Box::new(std::io::sink()),
+                count: Arc::default(),
+            }),
+        );
+        // Unflushed: a write into a stream nobody reads could block.
+        drop(writer.into_parts());
+        drop(std::mem::replace(
+            &mut side.reader,
+            BufReader::new(Counted {
+                inner: Box::new(std::io::empty()),
+                count: Arc::default(),
+            }),
+        ));
         let finish = std::mem::replace(&mut side.finish, Box::new(|| None));
         if let Some(why) = finish() {
             return SyncError::Agent {

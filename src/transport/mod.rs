@@ -37,6 +37,60 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How long a node may stay silent (not one packet back, although hasync
+/// asks: SSH keepalives go out every [`KEEPALIVE_EVERY`] of quiet) before
+/// its connection is given up on. A dropped link or a firewall that drops
+/// packets is not a closed connection: without this bound TCP takes two
+/// minutes or more to notice, and the primary's service stays down all that
+/// time. One bound for every stream of both SSH clients (the libssh2 pumps,
+/// `ssh`'s `ServerAlive*`), for blocking SSH requests, and through the
+/// tunnels for the database control connections.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Quiet after which a keepalive asks the node for an answer.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+
+/// The TCP connect timeout for a node that went silent in this run: the
+/// link may be back (then it answers at once), but each later step must not
+/// spend the full connect timeout finding out that it is not.
+pub const RECONNECT_AFTER_SILENCE: Duration = Duration::from_secs(3);
+
+/// `host:port`s that went silent in this process (see [`SILENCE_TIMEOUT`]).
+/// Every transport and `ssh` process to the same address shares what one
+/// of them found: the network path is the same.
+static SILENT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn silent_list() -> std::sync::MutexGuard<'static, Vec<String>> {
+    SILENT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `addr` gave no answer within [`SILENCE_TIMEOUT`].
+pub(crate) fn note_silent(addr: &str) {
+    let mut list = silent_list();
+    if !list.iter().any(|a| a == addr) {
+        list.push(addr.to_string());
+    }
+}
+
+/// `addr` answered (a connection was set up): it is not silent any more.
+pub(crate) fn note_answered(addr: &str) {
+    silent_list().retain(|a| a != addr);
+}
+
+/// Whether `addr` went silent and has not answered since.
+pub(crate) fn went_silent(addr: &str) -> bool {
+    silent_list().iter().any(|a| a == addr)
+}
+
+/// The TCP connect timeout for `addr`: `normal`, or
+/// [`RECONNECT_AFTER_SILENCE`] once it went silent.
+pub(crate) fn connect_timeout_for(addr: &str, normal: Duration) -> Duration {
+    if went_silent(addr) {
+        normal.min(RECONNECT_AFTER_SILENCE)
+    } else {
+        normal
+    }
+}
+
 /// How to reach one node. Built by the config module from the user's TOML; plain types only.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -521,6 +575,18 @@ pub enum TransportError {
     },
 
     #[error(
+        "node {node}: no answer for {after} while {during}: the network to it or the node \
+         itself went silent (a dropped link, a firewall dropping packets, a hung server); \
+         hasync gave up on it; check the link and that sshd answers there",
+        after = fmt_duration(after),
+    )]
+    Silent {
+        node: String,
+        during: String,
+        after: Duration,
+    },
+
+    #[error(
         "node {node}: the SSH connection was lost while {during} ({detail}); check the network \
          and that sshd still runs on the node"
     )]
@@ -563,6 +629,7 @@ impl TransportError {
             | TransportError::KnownHostsUnreadable { node, .. }
             | TransportError::AuthFailed { node, .. }
             | TransportError::Timeout { node, .. }
+            | TransportError::Silent { node, .. }
             | TransportError::ConnectionLost { node, .. }
             | TransportError::Start { node, .. }
             | TransportError::Ssh { node, .. }

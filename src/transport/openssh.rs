@@ -41,8 +41,9 @@
 //! does not pass on a remote death by signal (`exit-signal`); when the
 //! command the login shell `exec`s is killed by a signal (SIGPIPE too, after
 //! [`Process::wait`] dropped unread output), or the connection
-//! is lost without `ssh` saying why (e.g. a `ServerAlive` timeout, which it
-//! logs below `LogLevel=ERROR`), the status is 255.
+//! is lost without `ssh` saying why, the status is 255. A node that stops
+//! answering (`ServerAlive*`: [`super::SILENCE_TIMEOUT`] without a packet)
+//! is [`TransportError::Silent`], as on the libssh2 path.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -87,13 +88,17 @@ pub fn available() -> bool {
 /// (165-245 MB/s). aes128-ctr is there for servers without the other two.
 pub const CIPHERS: &str = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr";
 
-/// Sent every 15 s of silence; 4 unanswered ones (a minute) end the
-/// connection, so a dead peer surfaces as an error instead of a hang.
-const SERVER_ALIVE_INTERVAL: u32 = 15;
-const SERVER_ALIVE_COUNT_MAX: u32 = 4;
+/// A keepalive after every [`super::KEEPALIVE_EVERY`] of silence from the
+/// server; when the count of unanswered ones would pass the maximum, `ssh`
+/// ends the connection: (max + 1) intervals = [`super::SILENCE_TIMEOUT`]
+/// without a packet from the node, as on the libssh2 path.
+const SERVER_ALIVE_INTERVAL: u32 = super::KEEPALIVE_EVERY.as_secs() as u32;
+const SERVER_ALIVE_COUNT_MAX: u32 =
+    (super::SILENCE_TIMEOUT.as_secs() / super::KEEPALIVE_EVERY.as_secs()) as u32 - 1;
 /// Bound for the steps after the TCP connect (key exchange, authentication,
-/// starting the command), as the libssh2 transport's MIN_OP_TIMEOUT.
-const MIN_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// starting the command), as the libssh2 transport's MIN_OP_TIMEOUT: a node
+/// that answers does all that in well under a second.
+const MIN_OP_TIMEOUT: Duration = super::SILENCE_TIMEOUT;
 /// Bound for the second connection that kills a remote process group.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much stderr may come before the pgid marker (ssh warnings, login
@@ -178,6 +183,9 @@ pub fn spawn_openssh(endpoint: &Endpoint, command: &str) -> Result<Process, Tran
     let started = state.pgid.is_some();
     let stderr_so_far = state.done.clone();
     drop(state);
+    if started {
+        super::note_answered(&target.addr());
+    }
 
     if !started {
         // ssh exited (its stderr closed) before the command printed its pgid.
@@ -267,7 +275,10 @@ impl Target {
         push(&self.user);
         push("-c");
         push(CIPHERS);
-        let connect_timeout = self.connect_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let connect_timeout = super::connect_timeout_for(&self.addr(), self.connect_timeout)
+            .as_secs_f64()
+            .ceil()
+            .max(1.0) as u64;
         let options = [
             // Never prompt, never accept a key that is not in known_hosts.
             "BatchMode=yes".to_string(),
@@ -295,7 +306,10 @@ impl Target {
             format!("ServerAliveInterval={SERVER_ALIVE_INTERVAL}"),
             format!("ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}"),
             "Compression=no".to_string(),
-            "LogLevel=ERROR".to_string(),
+            // INFO, not ERROR: `ssh` says "Timeout, server ... not
+            // responding" at INFO, and that line tells a silent node from
+            // a command that exited 255.
+            "LogLevel=INFO".to_string(),
         ];
         for option in &options {
             push("-o");
@@ -441,7 +455,7 @@ enum Refusal {
     Other,
 }
 
-/// Sort what `ssh` printed (at `LogLevel=ERROR`) when it exited 255.
+/// Sort what `ssh` printed (at `LogLevel=INFO`) when it exited 255.
 fn classify(text: &str) -> Refusal {
     if text.contains("Host key verification failed")
         || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
@@ -667,6 +681,10 @@ fn reap(mut child: Child) {
 /// [`KILL_TIMEOUT`]. Best effort: the command may have ended meanwhile, or
 /// the node be unreachable.
 fn kill_remote(target: &Target, pgid: u32) {
+    // Not through a silent node: it could not get there.
+    if super::went_silent(&target.addr()) {
+        return;
+    }
     let spawned = target
         .command(&format!("kill -KILL -- -{pgid}"))
         .stdin(Stdio::null())
@@ -726,7 +744,16 @@ impl ProcessControl for OpensshProcess {
             }
         };
         if status == 255 && !self.killed {
-            if let Some(detail) = connection_lost(&String::from_utf8_lossy(&stderr)) {
+            let text = String::from_utf8_lossy(&stderr);
+            if text.contains("Timeout, server") && text.contains("not responding") {
+                super::note_silent(&self.target.addr());
+                return Err(TransportError::Silent {
+                    node: self.target.node.clone(),
+                    during: format!("running `{}`", shorten(&self.command)),
+                    after: super::SILENCE_TIMEOUT,
+                });
+            }
+            if let Some(detail) = connection_lost(&text) {
                 return Err(TransportError::ConnectionLost {
                     node: self.target.node.clone(),
                     during: format!("running `{}`", shorten(&self.command)),
@@ -808,6 +835,10 @@ mod tests {
         assert!(has(["-o", "GlobalKnownHostsFile=/dev/null"]));
         assert!(has(["-o", "IdentityFile=\"/etc/hasync/id 50%%\""]));
         assert!(has(["-o", "ConnectTimeout=3"]));
+        // 5 intervals of 2 s without a packet: the 10 s of SILENCE_TIMEOUT.
+        assert!(has(["-o", "ServerAliveInterval=2"]));
+        assert!(has(["-o", "ServerAliveCountMax=4"]));
+        assert!(has(["-o", "LogLevel=INFO"]));
         assert!(has(["-p", "2222"]));
         assert!(has(["-l", "root"]));
         assert_eq!(&args[args.len() - 3..], ["--", "127.0.0.3", "echo hi"]);

@@ -29,6 +29,19 @@
 //! * libssh2 reads whole packets off the socket for *any* channel, so data for
 //!   one channel may already sit in memory while its socket is quiet: before
 //!   sleeping the pump checks each channel's queued bytes.
+//!
+//! **Silence.** A dropped link is not a closed connection: nothing arrives,
+//! and TCP alone takes minutes to say so. libssh2 sends keepalives but never
+//! counts the answers, so the pump asks the kernel instead (`TCP_INFO`: when
+//! the last segment from the node arrived, data or acknowledgement). After
+//! [`super::KEEPALIVE_EVERY`] of quiet a keepalive (which sshd answers)
+//! goes out; after [`super::SILENCE_TIMEOUT`] without one packet back, or
+//! with a keepalive that long unanswered (the node's kernel acknowledges,
+//! its sshd says nothing), the pump fails with [`PumpError::Silent`], like
+//! `ssh`'s `ServerAliveCountMax`. While the pump pushes bulk data it cannot
+//! send keepalives; the node's acknowledgements count then. A node that is
+//! busy (a long query, a slow disk) still answers: sshd replies to
+//! keepalives whatever its commands do.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -45,8 +58,11 @@ use super::StderrBuf;
 /// Size of each per-direction buffer. Large buffers mean few syscalls per
 /// gigabyte; libssh2 itself moves at most one 32 KiB packet per write call.
 const BUF_SIZE: usize = 256 * 1024;
-/// Seconds between keepalives on an idle session.
-pub(crate) const KEEPALIVE_SECS: u32 = 15;
+/// Seconds between keepalives on a quiet session (libssh2 counts whole
+/// seconds; see [`super::KEEPALIVE_EVERY`]).
+pub(crate) const KEEPALIVE_SECS: u32 = super::KEEPALIVE_EVERY.as_secs() as u32;
+/// How often a pump asks the kernel when the node last sent anything.
+const SILENCE_CHECK: Duration = Duration::from_millis(250);
 /// Upper bound for one `poll` sleep; a safety net, not a pacing mechanism.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// How often a busy pump looks at its control socket.
@@ -181,6 +197,8 @@ impl LocalEnd {
 pub(crate) enum PumpError {
     /// The deadline passed.
     Timeout,
+    /// Not one packet from the node for this long (see the module docs).
+    Silent(Duration),
     /// libssh2 failed.
     Ssh(ssh2::Error),
     /// `poll` failed.
@@ -758,6 +776,12 @@ pub(crate) struct Pump {
     pub(crate) bridges: Vec<Bridge>,
     forwarder: Option<Forwarder>,
     last_io: Instant,
+    /// When this pump took the session: a session that waited in the pool
+    /// was quiet without anyone asking it anything.
+    started: Instant,
+    last_keepalive: Instant,
+    /// The first keepalive sent since the node last sent data.
+    unanswered: Option<Instant>,
 }
 
 impl Pump {
@@ -775,7 +799,32 @@ impl Pump {
             bridges,
             forwarder,
             last_io: Instant::now(),
+            started: Instant::now(),
+            last_keepalive: Instant::now(),
+            unanswered: None,
         }
+    }
+
+    /// How long the node has not answered: nothing at all arrived (no
+    /// data, no acknowledgement), or a keepalive went unanswered (the
+    /// node's kernel acknowledges, but its sshd sends nothing: a hung
+    /// server). Counted from this pump's start at the earliest. Without
+    /// `TCP_INFO`: since the pump last moved anything.
+    fn quiet(&mut self, now: Instant) -> Duration {
+        let since_start = now.duration_since(self.started);
+        let Some(heard) = since_heard(self.sock) else {
+            return now.duration_since(self.last_io);
+        };
+        if let Some(asked) = self.unanswered {
+            if heard.data < now.duration_since(asked) {
+                self.unanswered = None;
+            }
+        }
+        let mut quiet = heard.any.min(since_start);
+        if let Some(asked) = self.unanswered {
+            quiet = quiet.max(now.duration_since(asked));
+        }
+        quiet
     }
 
     /// Drive all transfers until the bridges are done (no forwarder), the
@@ -789,6 +838,7 @@ impl Pump {
         stop_on_ctrl_eof: bool,
     ) -> Result<Exit, PumpError> {
         let mut last_ctrl_check = Instant::now();
+        let mut last_silence_check = Instant::now();
         loop {
             let mut want: i16 = 0;
             let mut progress = false;
@@ -808,6 +858,15 @@ impl Pump {
             if deadline.is_some_and(|d| now >= d) {
                 return Err(PumpError::Timeout);
             }
+            // Busy or not: a pump that still has bytes to push into a dead
+            // link is as stuck as an idle one.
+            if now.duration_since(last_silence_check) >= SILENCE_CHECK {
+                last_silence_check = now;
+                let quiet = self.quiet(now);
+                if quiet >= super::SILENCE_TIMEOUT {
+                    return Err(PumpError::Silent(quiet));
+                }
+            }
             if progress || self.bridges.iter().any(Bridge::has_buffered_input) {
                 if progress {
                     self.last_io = now;
@@ -822,16 +881,26 @@ impl Pump {
             }
 
             // Idle. Keepalives go out only now: with nothing else queued, the
-            // stack-built packet cannot be left half-sent.
-            let keepalive_every = Duration::from_secs(KEEPALIVE_SECS.into());
-            if now.duration_since(self.last_io) >= keepalive_every
+            // stack-built packet cannot be left half-sent. They ask the node
+            // for an answer whenever it has been quiet a while, so a live
+            // node is never quiet for long (and NAT state stays fresh).
+            let keepalive_every = super::KEEPALIVE_EVERY;
+            let quiet = self.quiet(now);
+            if quiet >= keepalive_every
+                && now.duration_since(self.last_keepalive) >= keepalive_every
                 && !self.bridges.iter().any(|b| b.write_pending)
             {
                 send_keepalive(&self.session)?;
-                self.last_io = now;
+                self.last_keepalive = now;
+                self.unanswered.get_or_insert(now);
             }
-
-            let mut sleep = MAX_SLEEP.min(keepalive_every.saturating_sub(now - self.last_io));
+            // Until the next keepalive may be due; never a busy spin.
+            let until_keepalive = keepalive_every
+                .saturating_sub(quiet)
+                .max(keepalive_every.saturating_sub(now.duration_since(self.last_keepalive)));
+            let mut sleep = MAX_SLEEP
+                .min(until_keepalive)
+                .max(Duration::from_millis(10));
             if let Some(d) = deadline {
                 sleep = sleep.min(d.saturating_duration_since(now));
             }
@@ -905,6 +974,40 @@ fn check_ctrl(
     }
 }
 
+/// How long ago the peer of a TCP socket last sent something.
+struct Heard {
+    /// Data (an SSH packet: the answer to a keepalive, say).
+    data: Duration,
+    /// Data or a bare acknowledgement.
+    any: Duration,
+}
+
+/// [`Heard`] for TCP socket `sock`, from the kernel's `TCP_INFO`.
+fn since_heard(sock: RawFd) -> Option<Heard> {
+    // SAFETY: all-zero bytes are a valid `tcp_info`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Old kernels fill less; the two fields are in the first 64 bytes.
+    if rc != 0 || (len as usize) < 64 {
+        return None;
+    }
+    let ms = |v: u32| Duration::from_millis(v.into());
+    Some(Heard {
+        data: ms(info.tcpi_last_data_recv),
+        any: ms(info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv)),
+    })
+}
+
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
     libc::pollfd {
         fd,
@@ -943,6 +1046,29 @@ mod tests {
         b.consume(3);
         assert!(b.is_empty());
         assert_eq!(b.space().len(), 8);
+    }
+
+    #[test]
+    fn the_kernel_says_when_the_peer_last_sent_something() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).unwrap();
+        let fresh = since_heard(client.as_raw_fd()).expect("TCP_INFO");
+        assert!(fresh.data < Duration::from_millis(200), "{:?}", fresh.data);
+        std::thread::sleep(Duration::from_millis(300));
+        let later = since_heard(client.as_raw_fd()).unwrap();
+        assert!(later.data >= Duration::from_millis(250), "{:?}", later.data);
+        assert!(later.any <= later.data);
+        // A bare acknowledgement counts as "any", not as data.
+        client.write_all(b"y").unwrap();
+        server.read_exact(&mut byte).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let acked = since_heard(client.as_raw_fd()).unwrap();
+        assert!(acked.any < Duration::from_millis(250), "{:?}", acked.any);
+        assert!(acked.data >= Duration::from_millis(350), "{:?}", acked.data);
     }
 
     #[test]

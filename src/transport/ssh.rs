@@ -63,14 +63,16 @@ const CHANNEL_WINDOW: u32 = 16 * 1024 * 1024;
 const CHANNEL_PACKET: u32 = 32 * 1024;
 /// Idle sessions kept for reuse.
 const POOL_MAX: usize = 4;
-/// Bound for blocking setup steps (channel open, SFTP) beyond the handshake.
-const MIN_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound for blocking requests (channel open, SFTP) beyond the handshake:
+/// a live sshd answers them at once, so waiting longer is waiting on a
+/// silent node.
+const MIN_OP_TIMEOUT: Duration = super::SILENCE_TIMEOUT;
 /// Bound for the second-connection kill of a timed-out command.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Unacknowledged data older than this fails the TCP connection, so a dead
-/// peer surfaces as an error instead of a hang (the pumps' keepalives make
-/// sure an idle command or tunnel has data in flight).
-const TCP_USER_TIMEOUT_MS: libc::c_int = 120_000;
+/// Unacknowledged data older than this fails the TCP connection: the
+/// kernel's backstop behind the pumps' own silence check (which comes first,
+/// at [`super::SILENCE_TIMEOUT`], with the clearer message).
+const TCP_USER_TIMEOUT_MS: libc::c_int = super::SILENCE_TIMEOUT.as_millis() as libc::c_int + 5_000;
 
 /// An SSH node.
 pub struct SshTransport {
@@ -274,9 +276,11 @@ impl Shared {
             };
         }
         if session_code(&e) == Some(code::TIMEOUT) {
-            return TransportError::Timeout {
+            // A blocking request the node did not answer in time.
+            self.went_silent();
+            return TransportError::Silent {
                 node: self.node.clone(),
-                what: context.into(),
+                during: context.into(),
                 after: self.op_timeout(),
             };
         }
@@ -291,13 +295,48 @@ impl Shared {
         match e {
             PumpError::Ssh(e) => self.ssh(during, e),
             PumpError::Io(e) => self.io(during, e),
+            PumpError::Silent(quiet) => {
+                self.went_silent();
+                TransportError::Silent {
+                    node: self.node.clone(),
+                    during: during.to_string(),
+                    after: Duration::from_secs(quiet.as_secs()),
+                }
+            }
             PumpError::Timeout => unreachable!("timeouts are handled by the caller"),
         }
     }
 
+    /// The node stopped answering: say so to every later connection to it
+    /// (see [`super::connect_timeout_for`]), and forget the idle sessions,
+    /// which ride the same dead link (each would cost a timeout to find out).
+    fn went_silent(&self) {
+        super::note_silent(&self.addr());
+        let pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|p| p.into_inner()));
+        for session in pool {
+            // SAFETY: shutdown(2) on a descriptor the session still owns;
+            // freeing it then cannot block on the network.
+            unsafe {
+                libc::shutdown(session.as_raw_fd(), libc::SHUT_RDWR);
+            }
+            drop(session);
+        }
+    }
+
+    /// An idle authenticated session, unless the node went silent (seen by
+    /// any transport to it): then the pool is emptied, see
+    /// [`Shared::went_silent`].
+    fn pooled(&self) -> Option<Session> {
+        if super::went_silent(&self.addr()) {
+            self.went_silent();
+            return None;
+        }
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
     /// An idle authenticated session, or a new one.
     fn take(&self) -> Result<Session, TransportError> {
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self.pooled();
         match pooled {
             Some(s) => Ok(s),
             None => self.connect_session(),
@@ -325,7 +364,7 @@ impl Shared {
         timeout: Duration,
     ) -> Result<(Session, Channel), TransportError> {
         let wrapped = pump::wrap_command(command);
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self.pooled();
         if let Some(chan) = pooled
             .as_ref()
             .and_then(|session| start_command(session, &wrapped, timeout).ok())
@@ -397,7 +436,10 @@ impl Shared {
                     None => (None, Vec::new()),
                 };
                 pump.abandon();
-                if let Some(pgid) = pgid.filter(|_| kill_remote) {
+                // Not through a silent node: the kill could not get there,
+                // and trying costs a connect timeout.
+                let reachable = !super::went_silent(&self.addr());
+                if let Some(pgid) = pgid.filter(|_| kill_remote && reachable) {
                     // Best effort: the command may have ended meanwhile, or
                     // the node be unreachable.
                     let kill = format!("kill -KILL -- -{pgid}");
@@ -449,7 +491,7 @@ impl Shared {
             Ok(_) => true,
             Err((_, e)) => matches!(e.code(), ErrorCode::SFTP(_)),
         };
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self.pooled();
         if let Some(session) = pooled {
             let result = attempt(&session);
             if healthy(&result) {
@@ -507,6 +549,7 @@ impl Shared {
         self.verify_host_key(&session, &lookup, known)?;
         self.authenticate(&session)?;
         session.set_keepalive(true, pump::KEEPALIVE_SECS);
+        super::note_answered(&addr);
         Ok(session)
     }
 
@@ -521,8 +564,9 @@ impl Shared {
             .map_err(unreachable)?
             .collect();
         let mut last_err = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
+        let timeout = super::connect_timeout_for(addr, self.connect_timeout);
         for a in &addrs {
-            match TcpStream::connect_timeout(a, self.connect_timeout) {
+            match TcpStream::connect_timeout(a, timeout) {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
                     set_tcp_user_timeout(&tcp);
@@ -799,6 +843,11 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if super::went_silent(&self.addr()) {
+            // No goodbyes into a dead link (a second each).
+            self.went_silent();
+            return;
+        }
         let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(|p| p.into_inner()));
         for session in pool {
             say_goodbye(&session);

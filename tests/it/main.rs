@@ -21,6 +21,7 @@ mod haproxy;
 mod harness;
 mod harness_selftest;
 mod openssh;
+mod partition;
 mod progress;
 mod roles;
 mod setup;
