@@ -108,7 +108,13 @@ const FILE_MODES: &[u32] = &[0o644, 0o600, 0o755, 0o400, 0o000, 0o666, 0o1644, 0
 /// Modes for directories (setgid on directories is replicated).
 const DIR_MODES: &[u32] = &[0o755, 0o700, 0o2775, 0o1777, 0o500, 0o711, 0o750];
 /// Owners other than root, existing users or not.
-const OWNERS: &[(u32, u32)] = &[(0, 0), (1000, 1000), (4242, 4343), (65534, 65534), (0, 1234)];
+const OWNERS: &[(u32, u32)] = &[
+    (0, 0),
+    (1000, 1000),
+    (4242, 4343),
+    (65534, 65534),
+    (0, 1234),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -185,7 +191,10 @@ fn content(rng: &mut Rng) -> Vec<u8> {
 /// A random mtime with nanoseconds: far past (before 1970 too), recent
 /// past, or future (after 2038 too).
 fn random_time(rng: &mut Rng) -> (i64, i64) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let sec = match rng.below(5) {
         0 => -(rng.below(1_000_000_000) as i64),
         1 => rng.below(1_500_000_000) as i64,
@@ -477,10 +486,7 @@ fn differential(label: &str, rounds: usize, per_round: usize) {
             .map(|_| mutate(&mut rng, &pool, &src))
             .collect();
         let t = Instant::now();
-        let run = hasync()
-            .config(&cfg)
-            .args(["sync", "--files-only"])
-            .run();
+        let run = hasync().config(&cfg).args(["sync", "--files-only"]).run();
         sync_time += t.elapsed();
         let left = if run.code == 0 {
             rsync_itemized(&src, &dst)
