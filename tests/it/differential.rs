@@ -10,6 +10,9 @@
 //! file, directory, symlink and of the root `./`. `--modify-window=-1`
 //! makes rsync compare mtimes to the nanosecond (by default it compares
 //! whole seconds and would miss a time replicated with the wrong fraction).
+//! hasync is also held to its own word: every fifth round its dry run must
+//! announce exactly the actions the run then performs, and after the last
+//! round its dry run must find nothing left to do.
 //!
 //! The mutations: creates (files of 0 bytes to ~200 kB, so some travel as
 //! deltas, directories, symlinks, dangling or not), appends, in-place edits
@@ -485,28 +488,63 @@ fn differential(label: &str, rounds: usize, per_round: usize) {
         let ops: Vec<String> = (0..per_round)
             .map(|_| mutate(&mut rng, &pool, &src))
             .collect();
-        let t = Instant::now();
-        let run = hasync().config(&cfg).args(["sync", "--files-only"]).run();
-        sync_time += t.elapsed();
-        let left = if run.code == 0 {
-            rsync_itemized(&src, &dst)
-        } else {
-            String::new()
-        };
-        if run.code != 0 || !left.is_empty() {
+        let fail = |what: &str, run: &crate::cmd::Run| -> ! {
             panic!(
                 "round {round} of {rounds}, seed {seed:#x} (rerun with HASYNC_IT_SEED={seed:#x} \
-                 HASYNC_DIFF_ROUNDS={round}):\n\
+                 HASYNC_DIFF_ROUNDS={round}): {what}\n\
                  operations of this round:\n  {}\n\
-                 hasync sync exited {} ; rsync -anci --delete --modify-window=-1 still lists:\n{left}\n\
-                 hasync stdout:\n{}\nhasync stderr:\n{}",
+                 hasync ({}) exited {}; stdout:\n{}\nstderr:\n{}",
                 ops.join("\n  "),
+                run.line,
                 run.code,
                 run.stdout,
                 run.stderr
+            )
+        };
+        // Every fifth round, the dry run first: it must announce exactly
+        // what the run then does.
+        let dry = (round % 5 == 0).then(|| {
+            let dry = sync_json(&cfg, true);
+            if dry.code != 0 {
+                fail("the dry run failed", &dry);
+            }
+            dry
+        });
+        let t = Instant::now();
+        let run = sync_json(&cfg, false);
+        sync_time += t.elapsed();
+        if run.code != 0 {
+            fail("the sync failed", &run);
+        }
+        if let Some(dry) = dry {
+            if actions(&dry) != actions(&run) {
+                fail(
+                    &format!(
+                        "the run did other than its dry run said:\ndry run: {:#}\nrun: {:#}",
+                        actions(&dry),
+                        actions(&run)
+                    ),
+                    &run,
+                );
+            }
+        }
+        let left = rsync_itemized(&src, &dst);
+        if !left.is_empty() {
+            fail(
+                &format!("rsync -anci --delete --modify-window=-1 still lists:\n{left}"),
+                &run,
             );
         }
     }
+    // hasync agrees with rsync that nothing is left to do.
+    let again = sync_json(&cfg, true);
+    let left = actions(&again);
+    assert!(
+        again.code == 0 && left.as_array().is_some_and(|a| a.is_empty()),
+        "seed {seed:#x}: after the last round rsync lists nothing but hasync's dry run \
+         would still do: {left:#}\n{}",
+        again.stderr
+    );
     let total = started.elapsed();
     println!(
         "{label}: {rounds} rounds converged (seed {seed:#x}); {:.2} s per round, of which {:.2} s hasync sync; {} entries at the end",
@@ -514,6 +552,22 @@ fn differential(label: &str, rounds: usize, per_round: usize) {
         sync_time.as_secs_f64() / rounds as f64,
         list(&src).len()
     );
+}
+
+/// `hasync sync --files-only --json`, a dry run or not.
+fn sync_json(cfg: &Path, dry_run: bool) -> crate::cmd::Run {
+    let mut args = vec!["sync", "--files-only", "--json"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    hasync().config(cfg).args(args).run()
+}
+
+/// The actions a `--json` run reports.
+fn actions(run: &crate::cmd::Run) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", run.line, run.stdout));
+    v[0]["actions"].clone()
 }
 
 /// How many rounds the long variant runs (`HASYNC_DIFF_ROUNDS`).
