@@ -229,9 +229,12 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOptions) -> Plan {
                                 entry: s.clone(),
                                 old_target: d.target.clone().unwrap_or_default(),
                             });
-                        } else if owner {
+                        } else if owner || mtime_differs(&s.attrs, &d.attrs) {
+                            // Symlinks have no mode (Linux), but an owner
+                            // and an mtime, which `rsync -a` both carries.
                             let changes = Changes {
                                 owner,
+                                mtime: mtime_differs(&s.attrs, &d.attrs),
                                 ..Changes::default()
                             };
                             creates.push(Action::Attrs {
@@ -534,6 +537,34 @@ mod tests {
         assert!(p.is_empty(), "{p:?}");
         let p = plan(&[f("x", 1, 1)], &[root(5), f("x", 1, 1)], opts());
         assert!(p.is_empty(), "{p:?}");
+    }
+
+    /// A symlink whose mtime alone changed (`touch -h`) gets it set, as
+    /// `rsync -a` does (`.L..t......`); found by the differential test.
+    #[test]
+    fn a_symlink_whose_mtime_alone_changed_gets_it_set() {
+        let l = |mtime: i64, nsec: u32| Entry {
+            kind: Kind::Symlink,
+            size: 1,
+            target: Some(b"t".to_vec()),
+            attrs: Attrs {
+                mtime_sec: mtime,
+                mtime_nsec: nsec,
+                ..Attrs::default()
+            },
+            ..f("l", 1, 0)
+        };
+        let p = plan(&[l(5, 7)], &[l(5, 8)], opts());
+        assert_eq!(p.actions.len(), 1, "{p:?}");
+        match &p.actions[0] {
+            Action::Attrs { entry, changes } => {
+                assert_eq!(entry.attrs.mtime_nsec, 7);
+                assert!(changes.mtime && !changes.owner && !changes.mode);
+                assert_eq!(itemize(&p.actions[0]), ".L..t...... l");
+            }
+            a => panic!("expected attributes, got {a:?}"),
+        }
+        assert!(plan(&[l(5, 7)], &[l(5, 7)], opts()).is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod cmd;
 mod config_errors;
 mod cycle;
 mod db;
+mod differential;
 mod dirtimes;
 mod doctor;
 mod faults;
