@@ -1897,7 +1897,10 @@ fn batched_files_are_acknowledged_once_in_place_without_a_barrier() {
 
 /// A kill at any moment of a batch (written, being made durable, being
 /// renamed): every name holds its old content or its complete new one,
-/// never a partial file, and cleanup removes what is left.
+/// never a partial file, and cleanup removes what is left. At least one
+/// kill must land inside the batch (a temp file left, or some names new
+/// and some old): a kill before anything arrived, or after all of it was
+/// in place, proves nothing.
 #[test]
 fn killed_mid_batch_leaves_old_or_complete_files() {
     let t = tree();
@@ -1908,15 +1911,24 @@ fn killed_mid_batch_leaves_old_or_complete_files() {
     for (i, n) in names.iter().enumerate() {
         std::fs::write(t.root.join(n), old(i)).unwrap();
     }
-    let mut temps_seen = 0;
-    for delay_ms in [0u64, 1, 2, 4, 8, 16, 40] {
+    // The fixed delays, then 0, 1, 2, ... ms until a kill landed mid-batch
+    // (at most 60 more rounds).
+    let fixed = [0u64, 1, 2, 4, 8, 16, 40];
+    let (mut rounds, mut mid_batch) = (Vec::new(), 0);
+    for round in 0.. {
+        let delay_ms = match fixed.get(round) {
+            Some(&d) => d,
+            None if mid_batch == 0 && round < fixed.len() + 60 => (round - fixed.len()) as u64,
+            None => break,
+        };
         let mut a = Agent::start(&t.root);
         for (i, n) in names.iter().enumerate() {
             a.put(i as u64 + 1, n.as_bytes(), &new(i));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
         a.kill();
-        temps_seen += t.temps().len();
+        let temps = t.temps().len();
+        let mut renewed = 0;
         for (i, n) in names.iter().enumerate() {
             let got = t.read(n);
             assert!(
@@ -1924,7 +1936,12 @@ fn killed_mid_batch_leaves_old_or_complete_files() {
                 "after a kill {delay_ms} ms in, {n} holds {} bytes, neither old nor new",
                 got.len()
             );
+            renewed += (got == new(i)) as usize;
         }
+        if temps > 0 || (renewed > 0 && renewed < names.len()) {
+            mid_batch += 1;
+        }
+        rounds.push(format!("{delay_ms} ms: {renewed} new, {temps} temp(s)"));
         // Back to the old state for the next round, cleanup first.
         let mut a = Agent::start(&t.root);
         a.scan(1, true);
@@ -1934,5 +1951,10 @@ fn killed_mid_batch_leaves_old_or_complete_files() {
             std::fs::write(t.root.join(n), old(i)).unwrap();
         }
     }
-    eprintln!("temporary files found after the kills: {temps_seen}");
+    eprintln!("after each kill: {}", rounds.join("; "));
+    assert!(
+        mid_batch > 0,
+        "no kill landed inside the batch, nothing was checked: {}",
+        rounds.join("; ")
+    );
 }

@@ -14,13 +14,18 @@ pub struct Hasync {
     line: String,
 }
 
-/// `hasync` with a clean environment: no inherited HASYNC_CONFIG, no
-/// ssh-agent (tests must name their keys), no terminal.
+/// `hasync` with a clean environment: no inherited `HASYNC_*` variable
+/// (`HASYNC_CONFIG`, `HASYNC_DB_SPLIT_MIN`, ...: a test that wants one sets
+/// it with [`Hasync::env`]), no ssh-agent (tests must name their keys), no
+/// terminal.
 pub fn hasync() -> Hasync {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hasync"));
-    cmd.env_remove("HASYNC_CONFIG")
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null());
+    for (k, _) in std::env::vars_os() {
+        if k.as_encoded_bytes().starts_with(b"HASYNC_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("SSH_AUTH_SOCK").stdin(Stdio::null());
     Hasync {
         cmd,
         line: "hasync".into(),
@@ -48,6 +53,13 @@ impl Hasync {
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.cmd.env(k, v);
+        self
+    }
+
+    /// Where its stdout goes instead of being captured ([`Run::stdout`] is
+    /// then empty).
+    pub fn stdout(mut self, out: impl Into<Stdio>) -> Self {
+        self.cmd.stdout(out);
         self
     }
 

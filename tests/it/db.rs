@@ -382,8 +382,9 @@ pub fn command_lines() -> Vec<(u32, String)> {
     out
 }
 
-/// The pid of the vendor client loading `staging` on the mirror.
-fn loader_pid(e: Engine, staging: &str) -> Option<u32> {
+/// The vendor clients loading `staging` on the mirror, as (pid, command
+/// line): one per stream.
+pub fn loaders(e: Engine, staging: &str) -> Vec<(u32, String)> {
     let want = match e {
         Engine::Mysql => format!("--database={staging}"),
         Engine::Postgres => format!("--dbname={staging}"),
@@ -394,8 +395,8 @@ fn loader_pid(e: Engine, staging: &str) -> Option<u32> {
     };
     command_lines()
         .into_iter()
-        .find(|(_, l)| l.contains(&want) && l.contains(tool) && !l.contains("command -v"))
-        .map(|(p, _)| p)
+        .filter(|(_, l)| l.contains(&want) && l.contains(tool) && !l.contains("command -v"))
+        .collect()
 }
 
 /// Whether rows of `big` are being loaded into staging (MySQL: an INSERT
@@ -428,42 +429,51 @@ pub fn staging_rows(e: Engine, staging: &str) -> u64 {
 /// The mirror's loader dies mid-stream: hasync fails naming the step and
 /// the node, the staging database is dropped, and the live mirror database
 /// is exactly as before.
-/// `split_min`: HASYNC_DB_SPLIT_MIN for the run ("0": the load is in two
-/// streams, and one of its two loaders is killed).
-fn load_killed_midway(e: Engine, split_min: Option<&str>) {
+/// `streams`: 1 (HASYNC_DB_SPLIT_MIN beyond any size) or 2
+/// (HASYNC_DB_SPLIT_MIN=0: the load is in two streams, and one of its two
+/// loaders is killed); the loaders running when the rows arrive must be
+/// that many.
+fn load_killed_midway(e: Engine, streams: usize) {
     // (Not a name that starts with another test's: `databases` lists by
     // prefix.)
-    let kill = if split_min.is_some() {
-        "killsplit"
-    } else {
-        "kill"
-    };
+    let kill = if streams > 1 { "killsplit" } else { "kill" };
     let db = format!("okmdb_{kill}_{}", e.name());
     let staging = format!("{db}__hasync_new");
     let s = setup(e, &format!("db-{kill}-{}", e.name()), &db);
     let cfg = s.write();
     fresh_db(e, 0, &db);
     fresh_db(e, 1, &db);
+    // Two tables at least: PostgreSQL splits a load by table.
+    as_okm(e, 0, &db, small_schema(e));
     big_table(e, 0, &db, 300_000);
     as_okm(e, 1, &db, small_schema(e));
     let before = dump_text(e, 1, &db);
 
-    let mut cmd = hasync().config(&cfg).args(["sync", "--db-only"]);
-    if let Some(min) = split_min {
-        cmd = cmd.env("HASYNC_DB_SPLIT_MIN", min);
-    }
-    let running = cmd.spawn();
+    let split_min = if streams > 1 {
+        "0".to_string()
+    } else {
+        u64::MAX.to_string()
+    };
+    let running = hasync()
+        .config(&cfg)
+        .env("HASYNC_DB_SPLIT_MIN", &split_min)
+        .args(["sync", "--db-only"])
+        .spawn();
     wait_until("rows arriving in staging", Duration::from_secs(120), || {
         staging_rows(e, &staging) > 0
     });
-    let pid = loader_pid(e, &staging).unwrap_or_else(|| {
-        let seen: Vec<String> = command_lines()
+    let loaders = loaders(e, &staging);
+    assert_eq!(
+        loaders.len(),
+        streams,
+        "{streams} stream(s) expected, but these loaders run on the mirror: {loaders:#?}\n\
+         processes naming {staging}: {:#?}",
+        command_lines()
             .into_iter()
-            .filter(|(_, l)| l.contains(&staging) || l.contains("defaults-extra"))
-            .map(|(p, l)| format!("{p}: {l}"))
-            .collect();
-        panic!("no loader process on the mirror; processes naming {staging}: {seen:#?}")
-    });
+            .filter(|(_, l)| l.contains(&staging))
+            .collect::<Vec<_>>()
+    );
+    let pid = loaders[0].0;
     // SAFETY: kill(2) on a pid we just found; at worst it already exited.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let run = running.wait();
@@ -482,22 +492,22 @@ fn load_killed_midway(e: Engine, split_min: Option<&str>) {
 
 #[test]
 fn load_killed_midway_mysql() {
-    load_killed_midway(Engine::Mysql, None);
+    load_killed_midway(Engine::Mysql, 1);
 }
 
 #[test]
 fn load_killed_midway_mysql_two_streams() {
-    load_killed_midway(Engine::Mysql, Some("0"));
+    load_killed_midway(Engine::Mysql, 2);
 }
 
 #[test]
 fn load_killed_midway_postgres() {
-    load_killed_midway(Engine::Postgres, None);
+    load_killed_midway(Engine::Postgres, 1);
 }
 
 #[test]
 fn load_killed_midway_postgres_two_streams() {
-    load_killed_midway(Engine::Postgres, Some("0"));
+    load_killed_midway(Engine::Postgres, 2);
 }
 
 /// The /proc scan of [`watch_command_lines`] can see `secret` on a command

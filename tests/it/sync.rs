@@ -255,12 +255,43 @@ fn dry_run_matches_run(s: Setup) {
         .run();
     dry.code(0);
     assert_eq!(snapshot(dst), before, "the dry run changed the standby");
+    let dv: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
+    // The itemized text form names each path, one line per action, then
+    // the totals and the dry run's last line.
+    let text = hasync()
+        .config(&cfg)
+        .args(["sync", "--files-only", "--dry-run"])
+        .run();
+    text.code(0).stdout_has("dry run: nothing was changed");
+    assert_eq!(snapshot(dst), before, "the dry run changed the standby");
+    let actions = dv[0]["actions"].as_array().unwrap();
+    let lines: Vec<&str> = text.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        actions.len() + 2,
+        "not one line per action:\n{}",
+        text.stdout
+    );
+    // rsync's itemized lines: 11 flag characters, then the path and maybe
+    // a "/", " (size)" or " -> target".
+    let names = |l: &str, path: &str| {
+        let rest = l.get(11..).unwrap_or("").trim_start();
+        rest.strip_prefix(path)
+            .is_some_and(|r| r.is_empty() || r.starts_with(' ') || r.starts_with('/'))
+    };
+    for a in actions {
+        let path = a["path"].as_str().unwrap();
+        assert!(
+            lines.iter().any(|l| names(l, path)),
+            "the itemized dry run does not name {path}:\n{}",
+            text.stdout
+        );
+    }
     let real = hasync()
         .config(&cfg)
         .args(["sync", "--files-only", "--json"])
         .run();
     real.code(0);
-    let dv: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
     let rv: serde_json::Value = serde_json::from_str(&real.stdout).unwrap();
     assert_eq!(
         dv[0]["actions"], rv[0]["actions"],
@@ -277,12 +308,6 @@ fn dry_run_matches_run(s: Setup) {
         "{ops:?}"
     );
     assert_same_tree(src, dst);
-    // The itemized text form names each path.
-    let text = hasync()
-        .config(&cfg)
-        .args(["sync", "--files-only", "--dry-run"])
-        .run();
-    text.code(0).stdout_has("dry run: nothing was changed");
 }
 
 #[test]
