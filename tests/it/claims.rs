@@ -378,7 +378,10 @@ fn promote_refusals_and_the_hooks() {
     );
     let h = hooks_out();
     assert!(h.contains("--- pre\n"), "{h}");
-    assert!(!h.contains("--- post"), "post_promote after an aborted promote: {h}");
+    assert!(
+        !h.contains("--- post"),
+        "post_promote after an aborted promote: {h}"
+    );
     std::fs::remove_file(&out).unwrap();
 
     // pre_promote says yes: the promote runs, post_promote after it.
@@ -422,8 +425,12 @@ fn sync_json_and_db_only_json_reports() {
     let _apps = AppsStopped::start_both();
     let run = hasync().config(&cfg).args(["--json", "sync"]).run();
     run.code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout)
-        .unwrap_or_else(|e| panic!("sync --json: stdout is not one JSON document ({e}):\n{}", run.stdout));
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
+        panic!(
+            "sync --json: stdout is not one JSON document ({e}):\n{}",
+            run.stdout
+        )
+    });
     assert_eq!(v["outcome"], "ok", "{v:#}");
     assert_eq!(v["primary"], "okm1", "{v:#}");
     assert_eq!(v["standbys"], serde_json::json!(["okm2"]), "{v:#}");
@@ -438,7 +445,14 @@ fn sync_json_and_db_only_json_reports() {
         .collect();
     assert_eq!(
         phases,
-        ["preflight", "warm file pass", "quiesce", "final file pass", "database", "restart"],
+        [
+            "preflight",
+            "warm file pass",
+            "quiesce",
+            "final file pass",
+            "database",
+            "restart"
+        ],
         "{v:#}"
     );
     // The warm pass created the two files (and their directories); the
@@ -446,7 +460,10 @@ fn sync_json_and_db_only_json_reports() {
     let files = v["files"].as_array().expect("files");
     assert_eq!(files.len(), 2, "a warm and a final pass: {v:#}");
     assert_eq!(files[0]["standby"], "okm2");
-    assert_eq!(files[0]["created"], 4, "repository/, logs/ and a file in each: {v:#}");
+    assert_eq!(
+        files[0]["created"], 4,
+        "repository/, logs/ and a file in each: {v:#}"
+    );
     assert_eq!(files[0]["bytes"], 4, "b\"a\" + b\"log\": {v:#}");
     assert_eq!(files[1]["created"], 0, "{v:#}");
     let dbs = v["databases"].as_array().expect("databases");
@@ -454,10 +471,18 @@ fn sync_json_and_db_only_json_reports() {
     assert_eq!(dbs[0]["to"], "okm2");
     assert_eq!(dbs[0]["database"], db);
     assert_eq!(dbs[0]["tables"], 2, "OKM_CONFIG and doc: {v:#}");
-    assert_eq!(dbs[0]["rows"], 1, "one doc row (OKM_CONFIG is empty on the primary): {v:#}");
+    assert_eq!(
+        dbs[0]["rows"], 1,
+        "one doc row (OKM_CONFIG is empty on the primary): {v:#}"
+    );
 
     // --db-only --json: a list, one summary per standby.
-    crate::db::as_okm(Engine::Mysql, 0, db, "INSERT INTO doc VALUES (2, 'repository/b.txt');");
+    crate::db::as_okm(
+        Engine::Mysql,
+        0,
+        db,
+        "INSERT INTO doc VALUES (2, 'repository/b.txt');",
+    );
     let run = hasync()
         .config(&cfg)
         .args(["--json", "sync", "--db-only"])
@@ -468,7 +493,11 @@ fn sync_json_and_db_only_json_reports() {
     let list = v.as_array().expect("a list of summaries");
     assert_eq!(list.len(), 1, "{v:#}");
     let d = &list[0];
-    assert_eq!((d["from"].as_str(), d["to"].as_str()), (Some("okm1"), Some("okm2")), "{v:#}");
+    assert_eq!(
+        (d["from"].as_str(), d["to"].as_str()),
+        (Some("okm1"), Some("okm2")),
+        "{v:#}"
+    );
     assert_eq!(d["engine"], "mysql", "{v:#}");
     assert_eq!(d["database"], db, "{v:#}");
     assert_eq!(d["rows"], 2, "{v:#}");
@@ -484,10 +513,157 @@ fn sync_json_and_db_only_json_reports() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert!(names.contains(&"dump and load") && names.contains(&"read-only"), "{names:?}");
+    assert!(
+        names.contains(&"dump and load") && names.contains(&"read-only"),
+        "{names:?}"
+    );
     assert_eq!(
         crate::db::admin(Engine::Mysql, 1, db, "SELECT count(*) FROM doc").trim(),
         "2"
     );
+    drop_both(db);
+}
+
+/// README, database step 4: MySQL/MariaDB "recreates views, triggers,
+/// routines and events, which cannot move between schemas (a failure
+/// there moves the tables back)". The mirror holds a copy without views;
+/// the primary now has 1,000 views. While hasync creates them in the live
+/// database after the `RENAME TABLE`, a session on the mirror takes the
+/// last view's name first, so creating it fails: the swap is rolled back,
+/// and the live database is what it was before, dump for dump.
+#[test]
+fn a_failed_mysql_swap_moves_the_tables_back() {
+    let e = Engine::Mysql;
+    let db = "okmdb_claims_rollback";
+    let s = crate::db::setup(e, "claims-rollback", db);
+    let cfg = s.write();
+    crate::db::fresh_db(e, 0, db);
+    drop_dbs(e, 1, db);
+    crate::db::as_okm(
+        e,
+        0,
+        db,
+        "CREATE TABLE doc (id INT PRIMARY KEY, path VARCHAR(200));\n\
+         INSERT INTO doc VALUES (1, 'a');",
+    );
+    hasync()
+        .config(&cfg)
+        .args(["sync", "--db-only"])
+        .run()
+        .code(0);
+    let before = crate::db::dump_text(e, 1, db);
+    let mut views = String::from("INSERT INTO doc VALUES (2, 'b');\n");
+    for i in 0..1000 {
+        views += &format!("CREATE VIEW v_{i:04} AS SELECT id FROM doc WHERE id > {i};\n");
+    }
+    crate::db::as_okm(e, 0, db, &views);
+    // The intruder: waits (server-side, no round trip) for the first new
+    // view in the live database, then creates the last one itself.
+    let intruder_sql = format!(
+        "DELIMITER //\n\
+         BEGIN NOT ATOMIC\n\
+           DECLARE n INT DEFAULT 0;\n\
+           WHILE n < 60000 AND NOT EXISTS (SELECT 1 FROM information_schema.VIEWS \
+             WHERE TABLE_SCHEMA = '{db}' AND TABLE_NAME = 'v_0000') DO\n\
+             DO SLEEP(0.002); SET n = n + 1;\n\
+           END WHILE;\n\
+           CREATE VIEW `{db}`.`v_0999` AS SELECT 1 AS intruder;\n\
+           SELECT 'intruded';\n\
+         END//\n"
+    );
+    let mut cmd = cluster().nodes[1].mariadb.admin_client();
+    cmd.arg("--database=mysql")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut intruder = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = intruder.stdin.take().unwrap();
+        stdin.write_all(intruder_sql.as_bytes()).unwrap();
+    }
+    let run = hasync().config(&cfg).args(["sync", "--db-only"]).run();
+    let intruded = intruder.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&intruded.stdout).into_owned()
+        + &String::from_utf8_lossy(&intruded.stderr);
+    assert!(
+        said.contains("intruded"),
+        "the intruder did not get in: {said}{}",
+        run.stderr
+    );
+    run.code(1)
+        .stderr_has("creating view v_0999")
+        .stderr_has(&format!("the swap was rolled back, {db} is as before"));
+    assert_eq!(
+        crate::db::admin(e, 1, db, "SELECT count(*) FROM doc").trim(),
+        "1",
+        "the live database has its own rows again"
+    );
+    crate::db::assert_same_dump(
+        &before,
+        &crate::db::dump_text(e, 1, db),
+        "the mirror after the rolled-back swap",
+    );
+    drop_both(db);
+}
+
+/// `[database] early_restart = true` keeps the copy consistent: the
+/// primary's application runs again (and writes) from the dump's snapshot
+/// on, so what it writes then is in neither the files nor the dump; every
+/// row the mirror gets has its file there. Six cycles back to back while
+/// okm1's application adds a document (file, then row) every 20 ms; after
+/// each: ok, the primary was started early, the mirror's rows grew, and no
+/// row lacks its file on the mirror.
+#[test]
+fn early_restart_cycles_leave_no_row_without_its_file() {
+    let db = "okmdb_claims_early_soak";
+    let s = cycle_setup("claims-early-soak", db);
+    let cfg = write_config(&s, &[("database", "early_restart", Some("true".into()))]);
+    let c = cluster();
+    c.nodes[0].app.configure(&crate::harness::app::AppConfig {
+        root: Some(s.roots[0].clone()),
+        database: Some(("mysql", c.nodes[0].mariadb.port, db.to_string())),
+        write_every: Some(Duration::from_millis(20)),
+    });
+    let _apps = AppsStopped::start_both();
+    let mirror_rows = || -> Vec<(u64, String)> {
+        crate::db::admin(Engine::Mysql, 1, db, "SELECT id, path FROM doc ORDER BY id")
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(id, p)| (id.trim().parse().unwrap(), p.trim().to_string()))
+            .collect()
+    };
+    wait_until("okm1's first document", Duration::from_secs(20), || {
+        crate::db::admin(Engine::Mysql, 0, db, "SELECT count(*) FROM doc").trim() != "1"
+    });
+    let mut last = 0;
+    for i in 1..=6 {
+        let run = hasync().config(&cfg).args(["--no-progress", "sync"]).run();
+        run.code(0).stderr_has("starting the primary early");
+        assert!(
+            c.nodes[0].app.is_running() && c.nodes[1].app.is_running(),
+            "cycle {i}"
+        );
+        let rows = mirror_rows();
+        let missing: Vec<String> = rows
+            .iter()
+            .filter(|(_, p)| !s.roots[1].join(p).is_file())
+            .map(|(id, p)| format!("row {id}: {p}"))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "cycle {i}: {} of {} rows on the mirror lack their file: {}",
+            missing.len(),
+            rows.len(),
+            missing.join(", ")
+        );
+        assert!(
+            rows.len() > last,
+            "cycle {i}: {} rows, {last} before",
+            rows.len()
+        );
+        last = rows.len();
+    }
+    println!("early_restart soak: 6 cycles, {last} rows on the mirror, each with its file");
     drop_both(db);
 }
