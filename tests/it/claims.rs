@@ -13,6 +13,16 @@ use crate::setup::{edit_toml, Setup};
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// Runs its closure when dropped: puts a stopped server back even when
+/// the test panics.
+struct Restart<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Restart<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// The setup's config with `edits` applied (see [`edit_toml`]).
 fn write_config(s: &Setup, edits: &[(&str, &str, Option<String>)]) -> PathBuf {
     let cfg = s.write();
@@ -665,5 +675,115 @@ fn early_restart_cycles_leave_no_row_without_its_file() {
         last = rows.len();
     }
     println!("early_restart soak: 6 cycles, {last} rows on the mirror, each with its file");
+    drop_both(db);
+}
+
+/// okm2's host key's SHA256 fingerprint, as `ssh-keygen -l` prints it.
+fn okm2_fingerprint(s: &Setup) -> String {
+    let pubfile = s.dir.join("okm2-host-key.pub");
+    std::fs::write(
+        &pubfile,
+        format!("{}\n", cluster().node("okm2").sshd.host_key_pub),
+    )
+    .unwrap();
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(&pubfile)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fp = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(fp.starts_with("SHA256:"), "ssh-keygen -l: {text}");
+    fp
+}
+
+/// FAULTS.md #8, the messages it quotes: an unknown standby host key
+/// names the fingerprint the server presents and the `ssh-keyscan` line
+/// that trusts it; a changed one says WARNING ... has CHANGED, the new
+/// fingerprint and the `ssh-keygen -R` that removes the old key. Both
+/// before anything is stopped.
+#[test]
+fn host_key_refusals_quote_fingerprint_and_fix() {
+    let s = Setup::new("claims-host-keys");
+    let (okm1, okm2) = (cluster().node("okm1"), cluster().node("okm2"));
+    let fp = okm2_fingerprint(&s);
+    let kh = s.dir.join("known_hosts");
+    let kh_q = || toml_str(&kh.display().to_string());
+
+    std::fs::write(&kh, okm1.sshd.known_hosts_line() + "\n").unwrap();
+    let cfg = write_config(&s, &[("nodes.okm2", "known_hosts", kh_q())]);
+    hasync()
+        .config(&cfg)
+        .args(["sync"])
+        .run()
+        .code(1)
+        .stderr_has(&format!(
+            "node okm2: the SSH host key of {}:{} is not trusted: it is not in {}",
+            okm2.ip,
+            okm2.sshd.port,
+            kh.display()
+        ))
+        .stderr_has(&format!("The server presents ssh-ed25519 {fp}"))
+        .stderr_has(&format!(
+            "ssh-keyscan -p {} -t ed25519 {} >> {}",
+            okm2.sshd.port,
+            okm2.ip,
+            kh.display()
+        ))
+        .stderr_has("nothing was stopped");
+
+    // okm2's address with okm1's key: what a reinstalled okm2 looks like.
+    let forged = format!(
+        "[{}]:{} {}\n",
+        okm2.ip, okm2.sshd.port, okm1.sshd.host_key_pub
+    );
+    std::fs::write(&kh, forged).unwrap();
+    hasync()
+        .config(&cfg)
+        .args(["sync"])
+        .run()
+        .code(1)
+        .stderr_has(&format!(
+            "WARNING: the SSH host key of node okm2 ({}:{}) has CHANGED: the server now presents ssh-ed25519 {fp}",
+            okm2.ip, okm2.sshd.port
+        ))
+        .stderr_has(&format!(
+            "ssh-keygen -R '[{}]:{}' -f {}",
+            okm2.ip,
+            okm2.sshd.port,
+            kh.display()
+        ))
+        .stderr_has("nothing was stopped");
+    assert!(!s.state_dirs[1].exists(), "okm2's state dir appeared");
+}
+
+/// FAULTS.md #4, the message it quotes: the primary's database down at
+/// preflight names the node, the engine, the address as seen from the node
+/// and what to check; nothing is stopped.
+#[test]
+fn primary_database_down_at_preflight_names_server_and_fix() {
+    let db = "okmdb_claims_predown";
+    let s = cycle_setup("claims-db-down", db);
+    let cfg = s.write();
+    let primary_db = &cluster().nodes[0].mariadb;
+    let _apps = AppsStopped::start_both();
+    let pids: Vec<_> = cluster().nodes.iter().map(|n| n.app.pid()).collect();
+    primary_db.stop();
+    let server_back = Restart(|| primary_db.start());
+    let run = hasync().config(&cfg).args(["sync"]).run();
+    drop(server_back);
+    run.code(1)
+        .stderr_has(&format!(
+            "cycle failed: preflight: node okm1: cannot talk to mysql at 127.0.0.1:{} as seen from the node (",
+            primary_db.port
+        ))
+        .stderr_has("); is the server running and listening there?")
+        .stderr_has("nothing was stopped");
+    let after: Vec<_> = cluster().nodes.iter().map(|n| n.app.pid()).collect();
+    assert_eq!(pids, after, "an application was stopped");
     drop_both(db);
 }
