@@ -1,9 +1,10 @@
 //! SIGINT and SIGTERM, turned into a call on an ordinary thread.
 //!
 //! The handler only writes the signal number into a pipe (async-signal-safe);
-//! a thread reads it and calls the handler the running command registered
-//! (the cycle: restart what it stopped, record "interrupted", release the
-//! lock, exit 130). A second signal, or one with no handler registered, ends
+//! a thread reads it and runs the handler the running command registered on
+//! a thread of its own (the cycle: restart what it stopped, record
+//! "interrupted", release the lock, exit 130), so that it still reads the
+//! next one while the handler works. A second signal, or one with no handler registered, ends
 //! the process at once with 130. `SA_RESTART` keeps other threads' system
 //! calls from failing with EINTR.
 
@@ -60,8 +61,22 @@ pub fn install() {
                     unsafe { libc::_exit(130) };
                 }
                 let handler = HANDLER.lock().unwrap_or_else(|p| p.into_inner()).take();
+                // The handler runs on a thread of its own: it takes as long
+                // as the restart it does, and meanwhile this thread must
+                // still read a second signal.
                 match handler {
-                    Some(h) => h(sig),
+                    Some(h) => {
+                        let spawned = std::thread::Builder::new()
+                            .name("hasync-on-signal".into())
+                            .spawn(move || h(sig));
+                        if spawned.is_err() {
+                            eprintln!(
+                                "hasync: {}: cannot start the handler's thread; aborting",
+                                name(sig)
+                            );
+                            std::process::exit(130);
+                        }
+                    }
                     None => std::process::exit(130),
                 }
             })

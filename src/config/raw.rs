@@ -223,13 +223,36 @@ fn toml_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
         } else if message.contains("invalid type") {
             Some("strings need quotes, numbers and true/false do not".to_string())
         } else {
-            None
+            // What is left is the TOML syntax itself.
+            Some("write `key = value`, strings in double quotes closed on the same line, each [section] once; `hasync init --stdout` prints a valid file to compare".to_string())
         }
     });
     match e.span() {
         Some(span) => ConfigError::at(path, text, span, message, hint),
         None => ConfigError::file(path, message, hint),
     }
+}
+
+/// What a database name could be instead: its other characters as `_`
+/// (the database itself must be renamed to match, or created so).
+fn identifier_hint(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || ch == '_' {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with(|ch: char| ch.is_ascii_digit()) {
+        s.insert(0, 'x');
+    }
+    s.truncate(48);
+    format!(
+        "the database's name on both nodes, e.g. name = {s:?}; rename or create it so if needed"
+    )
 }
 
 /// serde says "unknown field `adress`, expected one of `address`, `port`";
@@ -290,7 +313,7 @@ pub(super) fn parse(path: &Path, text: &str, check_files: bool) -> Result<Config
             c.err(
                 d.name.span(),
                 format!("database name {:?}: {why}", d.name.get_ref()),
-                None,
+                Some(identifier_hint(d.name.get_ref())),
             );
         }
         let password_file = d.password_file.as_ref().map(|p| c.password_file(p));
@@ -427,7 +450,7 @@ pub(super) fn parse(path: &Path, text: &str, check_files: bool) -> Result<Config
                 c.err(
                     s.cron.span(),
                     format!("[schedule] cron = {:?}: {e}", s.cron.get_ref()),
-                    None,
+                    Some("five fields as in a crontab, e.g. cron = \"30 2 * * *\" for every day at 02:30".into()),
                 );
                 None
             }
@@ -606,7 +629,7 @@ fn check_node(
                 c.err(
                     u.span(),
                     format!("health_url {v:?} is not an http:// or https:// URL"),
-                    None,
+                    Some("the whole URL as seen from the node, e.g. health_url = \"http://localhost:8080/OpenKM/\"".into()),
                 );
             }
         }
@@ -633,7 +656,7 @@ fn check_node(
                     c.err(
                         nm.span(),
                         format!("database name {:?}: {why}", nm.get_ref()),
-                        None,
+                        Some(identifier_hint(nm.get_ref())),
                     );
                 }
                 db.name = nm.get_ref().clone();

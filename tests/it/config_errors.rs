@@ -55,6 +55,10 @@ struct Case {
     edit: (&'static str, &'static str),
     /// Text of the line the error must point at (its first occurrence after the edit).
     line_with: &'static str,
+    /// The column (1-based) its caret points at: the offending value, or
+    /// the key or section that is wrong (a string left open: the line's
+    /// end, where it should have closed).
+    col: usize,
     message: &'static str,
     hint: &'static str,
 }
@@ -64,13 +68,15 @@ const CASES: &[Case] = &[
         name: "syntax error",
         edit: ("name = \"openkm\"", "name = \"openkm"),
         line_with: "name = \"openkm",
-        message: "",
-        hint: "",
+        col: 15,
+        message: "invalid basic string",
+        hint: "strings in double quotes closed on the same line",
     },
     Case {
         name: "unknown key with a typo",
         edit: ("address = \"127.0.0.3\"", "adress = \"127.0.0.3\""),
         line_with: "adress",
+        col: 1,
         message: "unknown field `adress`",
         hint: "did you mean `address`?",
     },
@@ -81,6 +87,7 @@ const CASES: &[Case] = &[
             "port = \"22\"\nroot = \"/srv/okm2\"",
         ),
         line_with: "port = \"22\"",
+        col: 8,
         message: "invalid type",
         hint: "quotes",
     },
@@ -88,6 +95,7 @@ const CASES: &[Case] = &[
         name: "bad duration",
         edit: ("timeout = \"30s\"", "timeout = \"30x\""),
         line_with: "timeout",
+        col: 11,
         message: "unknown unit `x`",
         hint: "\"120s\"",
     },
@@ -95,6 +103,7 @@ const CASES: &[Case] = &[
         name: "duration without unit",
         edit: ("timeout = \"30s\"", "timeout = \"30\""),
         line_with: "timeout",
+        col: 11,
         message: "needs a unit",
         hint: "\"2m\"",
     },
@@ -102,13 +111,15 @@ const CASES: &[Case] = &[
         name: "bad cron line",
         edit: ("cron = \"0 2 * * *\"", "cron = \"0 2 * *\""),
         line_with: "cron =",
+        col: 8,
         message: "expected 5 fields (minute hour day-of-month month day-of-week) but found 4",
-        hint: "",
+        hint: "cron = \"30 2 * * *\"",
     },
     Case {
         name: "two primaries",
         edit: ("role = \"standby\"", "role = \"primary\""),
         line_with: "root = \"/srv/okm2\"\nrole",
+        col: 8,
         message: "two primaries",
         hint: "exactly one node",
     },
@@ -116,6 +127,7 @@ const CASES: &[Case] = &[
         name: "unknown role",
         edit: ("role = \"standby\"", "role = \"slave\""),
         line_with: "role = \"slave\"",
+        col: 8,
         message: "unknown variant `slave`",
         hint: "one of the values",
     },
@@ -123,6 +135,7 @@ const CASES: &[Case] = &[
         name: "relative root",
         edit: ("root = \"/srv/okm2\"", "root = \"srv/okm2\""),
         line_with: "root = \"srv/okm2\"",
+        col: 8,
         message: "must be an absolute path",
         hint: "\"/srv/okm2\"",
     },
@@ -130,6 +143,7 @@ const CASES: &[Case] = &[
         name: "missing root",
         edit: ("root = \"/srv/okm2\"\n", ""),
         line_with: "[nodes.okm2]",
+        col: 1,
         message: "missing field `root`",
         hint: "add the key",
     },
@@ -137,6 +151,7 @@ const CASES: &[Case] = &[
         name: "bad exclude pattern",
         edit: ("\"*.tmp\"", "\"[abc\""),
         line_with: "exclude",
+        col: 22,
         message: "bad exclude pattern",
         hint: "EXCLUDE PATTERNS",
     },
@@ -144,6 +159,7 @@ const CASES: &[Case] = &[
         name: "unknown engine",
         edit: ("engine = \"mysql\"", "engine = \"oracle\""),
         line_with: "engine",
+        col: 10,
         message: "unknown variant `oracle`",
         hint: "one of the values",
     },
@@ -151,6 +167,7 @@ const CASES: &[Case] = &[
         name: "missing password file",
         edit: ("db.secret", "no-such.secret"),
         line_with: "password_file",
+        col: 17,
         message: "cannot read",
         hint: "create the file or fix the path",
     },
@@ -158,8 +175,9 @@ const CASES: &[Case] = &[
         name: "database name that cannot be staged",
         edit: ("name = \"okmdb\"", "name = \"okm-db\""),
         line_with: "name = \"okm-db\"",
+        col: 8,
         message: "letters, digits and `_`",
-        hint: "",
+        hint: "name = \"okm_db\"",
     },
     Case {
         name: "health url that is not a url",
@@ -168,13 +186,15 @@ const CASES: &[Case] = &[
             "timeout = \"30s\"\nhealth_url = \"localhost:8080\"",
         ),
         line_with: "health_url",
+        col: 14,
         message: "not an http",
-        hint: "",
+        hint: "health_url = \"http://localhost:8080/OpenKM/\"",
     },
     Case {
         name: "node without an address",
         edit: ("address = \"127.0.0.3\"\n", ""),
         line_with: "[nodes.okm2]",
+        col: 1,
         message: "missing field `address`",
         hint: "add the key",
     },
@@ -182,6 +202,7 @@ const CASES: &[Case] = &[
         name: "no primary node",
         edit: ("role = \"primary\"", "role = \"standby\""),
         line_with: "[nodes.okm1]",
+        col: 1,
         message: "no node has role = \"primary\"",
         hint: "set role = \"primary\" on the node that serves users now",
     },
@@ -189,6 +210,7 @@ const CASES: &[Case] = &[
         name: "root of the whole file system",
         edit: ("root = \"/srv/okm2\"", "root = \"/\""),
         line_with: "root = \"/\"",
+        col: 8,
         message: "would replicate the whole file system",
         hint: "point root at the application's tree",
     },
@@ -196,6 +218,7 @@ const CASES: &[Case] = &[
         name: "empty service command",
         edit: ("stop = \"true\"", "stop = \"\""),
         line_with: "stop = \"\"",
+        col: 8,
         message: "service stop command is empty",
         hint: "systemctl stop",
     },
@@ -203,10 +226,20 @@ const CASES: &[Case] = &[
         name: "unknown section",
         edit: ("[files]", "[file]"),
         line_with: "[file]",
+        col: 2,
         message: "unknown field `file`",
         hint: "did you mean `files`?",
     },
 ];
+
+/// The first hint line in `stderr`, without `hint: ` (panics if there is
+/// none).
+fn hint_of(stderr: &str) -> &str {
+    let at = stderr
+        .find("\n  hint: ")
+        .unwrap_or_else(|| panic!("no hint:\n{stderr}"));
+    stderr[at + 9..].lines().next().unwrap_or_default()
+}
 
 fn line_of(text: &str, needle: &str) -> usize {
     let at = text
@@ -236,11 +269,17 @@ fn each_bad_config_names_file_line_and_fix() {
         let line = line_of(&text, case.line_with);
         let r = hasync().config(&path).args(["doctor"]).run();
         r.code(3)
-            .stderr_has(&format!("{}:{line}:", path.display()))
+            .stderr_has(&format!("{}:{line}:{}: ", path.display(), case.col))
             .stderr_has(case.message);
-        if !case.hint.is_empty() {
-            r.stderr_has("hint:").stderr_has(case.hint);
-        }
+        // Every case has a hint, and it says what to write.
+        let hint = hint_of(&r.stderr);
+        assert!(
+            hint.contains(case.hint),
+            "case {}: the hint lacks {:?}: {hint}\n{}",
+            case.name,
+            case.hint,
+            r.stderr
+        );
     }
 }
 

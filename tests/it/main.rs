@@ -7,6 +7,7 @@ mod agent_attacks;
 mod bench;
 mod bench_cycle;
 mod bench_db;
+mod claims;
 mod cli;
 mod cmd;
 mod config_errors;
