@@ -191,6 +191,17 @@ const CASES: &[Case] = &[
         hint: "health_url = \"http://localhost:8080/OpenKM/\"",
     },
     Case {
+        name: "health url over https, which the check cannot speak",
+        edit: (
+            "timeout = \"30s\"",
+            "timeout = \"30s\"\nhealth_url = \"https://localhost:8443/OpenKM/\"",
+        ),
+        line_with: "health_url",
+        col: 14,
+        message: "is not an http:// URL (hasync checks it in plain HTTP",
+        hint: "health_url = \"http://localhost:8080/OpenKM/\"",
+    },
+    Case {
         name: "node without an address",
         edit: ("address = \"127.0.0.3\"\n", ""),
         line_with: "[nodes.okm2]",
