@@ -8,31 +8,11 @@ use std::time::{Duration, Instant};
 use crate::cmd::hasync;
 use crate::cycle::{cycle_setup, record, AppsStopped};
 use crate::db::{drop_dbs, wait_until, Engine};
+use crate::faults::{toml_str, write_config, Defer as Restart};
 use crate::harness::{cluster, proc};
-use crate::setup::{edit_toml, Setup};
+use crate::setup::Setup;
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// Runs its closure when dropped: puts a stopped server back even when
-/// the test panics.
-struct Restart<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Restart<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-/// The setup's config with `edits` applied (see [`edit_toml`]).
-fn write_config(s: &Setup, edits: &[(&str, &str, Option<String>)]) -> PathBuf {
-    let cfg = s.write();
-    std::fs::write(&cfg, edit_toml(&s.config_text(), edits)).unwrap();
-    cfg
-}
-
-fn toml_str(s: &str) -> Option<String> {
-    Some(format!("{s:?}"))
-}
 
 fn drop_both(db: &str) {
     drop_dbs(Engine::Mysql, 0, db);

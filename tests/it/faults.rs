@@ -27,7 +27,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// Runs its closure when dropped: puts back what a test broke (a server, a
 /// mount) even when the test panics.
-struct Defer<F: FnMut()>(F);
+pub(crate) struct Defer<F: FnMut()>(pub(crate) F);
 
 impl<F: FnMut()> Drop for Defer<F> {
     fn drop(&mut self) {
@@ -36,13 +36,13 @@ impl<F: FnMut()> Drop for Defer<F> {
 }
 
 /// Write the test's config with `edits` applied (see [`edit_toml`]).
-fn write_config(s: &Setup, edits: &[(&str, &str, Option<String>)]) -> PathBuf {
+pub(crate) fn write_config(s: &Setup, edits: &[(&str, &str, Option<String>)]) -> PathBuf {
     let cfg = s.write();
     std::fs::write(&cfg, edit_toml(&s.config_text(), edits)).unwrap();
     cfg
 }
 
-fn toml_str(s: &str) -> Option<String> {
+pub(crate) fn toml_str(s: &str) -> Option<String> {
     Some(format!("{s:?}"))
 }
 
