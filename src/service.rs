@@ -302,8 +302,8 @@ pub fn stop(t: &dyn Transport, node: &Node) -> Result<(), ServiceError> {
 /// until the application says it runs in `mode`.
 ///
 /// An LSB `start` of a running service does nothing, and applications
-/// read their read-only flag at startup: a role change that changed the
-/// flag calls [`restart`] instead.
+/// read their read-only flag at startup: a role change that changes the
+/// flag stops the application first (see `hasync promote`).
 pub fn start(t: &dyn Transport, node: &Node, mode: Mode) -> Result<(), ServiceError> {
     let Some(svc) = &node.service else {
         return Ok(());
@@ -315,24 +315,6 @@ pub fn start(t: &dyn Transport, node: &Node, mode: Mode) -> Result<(), ServiceEr
         wait_healthy(t, node, url, deadline)?;
     }
     wait_mode(t, node, svc, mode, deadline)
-}
-
-/// A role change on a node whose application may be running: stop it,
-/// run `between` (the SQL that sets the new mode's flag) while it is
-/// down, start it in `mode`. The application reads its flag at startup
-/// (OpenKM does), so the flag alone would change nothing until someone
-/// restarted it. `between`'s error stops the sequence with the service
-/// stopped; the caller says what that means.
-pub fn restart<E: From<ServiceError>>(
-    t: &dyn Transport,
-    node: &Node,
-    mode: Mode,
-    between: impl FnOnce() -> Result<(), E>,
-) -> Result<(), E> {
-    stop(t, node)?;
-    between()?;
-    start(t, node, mode)?;
-    Ok(())
 }
 
 /// `http://host[:port]/path` -> (host, port, path).

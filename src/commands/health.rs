@@ -190,7 +190,7 @@ fn answer(mut stream: TcpStream, node: &Node, prober: &Arc<Prober>) -> std::io::
             Ok(r) => {
                 let activity = hasync::lock::local_activity(node);
                 // A run that has the service down needs no probe to say so.
-                let app = if held_down(&activity) {
+                let app = if held_down(activity.as_ref()) {
                     None
                 } else {
                     prober.get()
@@ -228,9 +228,8 @@ fn answer(mut stream: TcpStream, node: &Node, prober: &Arc<Prober>) -> std::io::
 }
 
 /// Whether a run holding the lock has this node's service down now.
-fn held_down(a: &Option<Activity>) -> bool {
-    a.as_ref()
-        .and_then(|a| a.step.as_ref())
+fn held_down(a: Option<&Activity>) -> bool {
+    a.and_then(|a| a.step.as_ref())
         .is_some_and(|s| s.service == ServiceStep::Down)
 }
 
@@ -252,7 +251,7 @@ impl View<'_> {
 
     /// Why the application does not serve in `mode`, or `None` if it does.
     fn not_serving(&self, mode: Mode) -> Option<String> {
-        if held_down(&self.activity.cloned()) {
+        if held_down(self.activity) {
             return Some(format!(
                 "{}: hasync has its service stopped",
                 self.step().unwrap_or("a run")
@@ -311,7 +310,7 @@ impl View<'_> {
             Mode::ReadOnly
         };
         let why = self.not_serving(mode);
-        let up = !held_down(&self.activity.cloned()) && self.app.is_none_or(|a| a.up);
+        let up = !held_down(self.activity) && self.app.is_none_or(|a| a.up);
         let body = serde_json::json!({
             "node": r.node,
             "role": r.role,

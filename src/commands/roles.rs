@@ -580,7 +580,7 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
     let tt = transport::connect(&tnode.endpoint).map_err(|e| anyhow!("{e}"))?;
     // Not while a cycle copies into it (a forced promote of a standby whose
     // primary is alive): the cycle would go on writing into the new primary.
-    let _lock = hasync::lock::acquire(&[(tnode, &*tt)], &hasync::lock::Holder::me())
+    let mut lock = hasync::lock::acquire(&[(tnode, &*tt)], &hasync::lock::Holder::me())
         .map_err(|e| anyhow!("{e}; nothing was changed"))?;
     promote_hook(&config, true, &t.node, new_epoch, "pre")
         .map_err(|e| anyhow!("pre_promote refused the promote: {e}; nothing was changed"))?;
@@ -608,7 +608,6 @@ pub fn promote(cli: &Cli, args: &PromoteArgs, log: &Log) -> Result<Exit> {
             },
         );
     };
-    let mut lock = _lock;
     let manual = |what: &str| {
         let svc = tnode.service.as_ref();
         format!(
