@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::cmd::hasync;
-use crate::cycle::{cycle_setup, record, AppsStopped};
+use crate::cycle::{cycle_setup, phase_names, record, AppsStopped};
 use crate::db::{drop_dbs, wait_until, Engine};
 use crate::faults::{toml_str, write_config, Defer as Restart};
 use crate::harness::{cluster, proc};
@@ -427,24 +427,7 @@ fn sync_json_and_db_only_json_reports() {
     let outage = v["outage_secs"].as_f64().expect("outage_secs");
     let secs = v["secs"].as_f64().expect("secs");
     assert!(outage > 0.0 && outage <= secs, "{v:#}");
-    let phases: Vec<&str> = v["phases"]
-        .as_array()
-        .expect("phases")
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        phases,
-        [
-            "preflight",
-            "warm file pass",
-            "quiesce",
-            "final file pass",
-            "database",
-            "restart"
-        ],
-        "{v:#}"
-    );
+    assert_eq!(phase_names(&v), crate::cycle::CYCLE_PHASES, "{v:#}");
     // The warm pass created the two files (and their directories); the
     // final pass had nothing left to do.
     let files = v["files"].as_array().expect("files");

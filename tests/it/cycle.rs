@@ -40,6 +40,26 @@ impl Drop for AppsStopped {
     }
 }
 
+/// The phases of a whole cycle that went through, in order.
+pub const CYCLE_PHASES: [&str; 6] = [
+    "preflight",
+    "warm file pass",
+    "quiesce",
+    "final file pass",
+    "database",
+    "restart",
+];
+
+/// The phase names of a cycle's report or record (its `phases`).
+pub fn phase_names(cycle: &serde_json::Value) -> Vec<String> {
+    cycle["phases"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no phases in {cycle}"))
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn record(s: &Setup, i: usize) -> serde_json::Value {
     let p = s.state_dirs[i].join("state.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -124,23 +144,7 @@ fn a_cycle_copies_files_and_database_and_restarts_both() {
         let r = record(&s, i);
         assert_eq!(r["last_cycle"]["outcome"], "ok", "{r}");
         assert!(r["last_cycle"]["outage_secs"].as_f64().is_some(), "{r}");
-        let phases: Vec<String> = r["last_cycle"]["phases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["name"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(
-            phases,
-            [
-                "preflight",
-                "warm file pass",
-                "quiesce",
-                "final file pass",
-                "database",
-                "restart"
-            ]
-        );
+        assert_eq!(phase_names(&r["last_cycle"]), CYCLE_PHASES, "{r}");
     }
     let ro = admin(
         Engine::Mysql,

@@ -168,13 +168,10 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
     );
     same_time(&src.join("repository/index"), &dst.join("repository/index"));
 
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hasync"))
-        .args(["-c", &cfg.display().to_string(), "sync", "--files-only"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = crate::cmd::hasync()
+        .config(&cfg)
+        .args(["sync", "--files-only"])
+        .spawn();
     let big_dir = dst.join("repository/datastore/6a/7b");
     let deadline = Instant::now() + Duration::from_secs(60);
     let victim = loop {
@@ -199,8 +196,8 @@ fn after_an_interrupted_transfer_the_next_run_restores_every_directory_time() {
         "the temp file's holder is not the mirror's agent: {line}"
     );
     proc::signal(victim, libc::SIGKILL);
-    let out = child.wait_with_output().unwrap();
-    assert_ne!(out.status.code(), Some(0), "the interrupted run exited 0");
+    let run = child.wait();
+    assert_ne!(run.code, 0, "the interrupted run exited 0");
     assert!(
         !temps_under(&dst).is_empty(),
         "the kill left no temporary file: the test proves nothing"

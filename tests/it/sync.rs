@@ -482,13 +482,10 @@ fn killed_agent_leaves_no_half_written_file() {
     }
     write(src, "big.bin", &big);
     write(dst, "big.bin", b"the old content");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hasync"))
-        .args(["-c", &cfg.display().to_string(), "sync", "--files-only"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = crate::cmd::hasync()
+        .config(&cfg)
+        .args(["sync", "--files-only"])
+        .spawn();
     // Wait for the temp file, then kill whoever holds it open (the standby's agent).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let victim = loop {
@@ -516,9 +513,9 @@ fn killed_agent_leaves_no_half_written_file() {
     };
     // SAFETY: plain kill(2) of a process we found holding our temp file.
     unsafe { libc::kill(victim, libc::SIGKILL) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "the run should fail");
+    let run = child.wait();
+    let stderr = &run.stderr;
+    assert_ne!(run.code, 0, "the run should fail");
     assert!(
         stderr.contains("okm2"),
         "the error names the node: {stderr}"
